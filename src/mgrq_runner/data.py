@@ -1,0 +1,255 @@
+"""Data sets: ImageNet folders with the fixed 1000-class map, Fashion-MNIST, calibration sampling, transforms.
+
+Every data set here yields ``(image_tensor, label)`` pairs. Calibration sets are seeded random subsets of the
+train split; their identifiers (file paths or indices) are returned so a run can save them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from mgrq_runner.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class DataBundle:
+    """What the pipeline needs from a data set.
+
+    Attributes:
+        calibration: the calibration images (a seeded subset of the train split).
+        evaluation: the evaluation split (or a seeded subset of it).
+        calibration_ids: one identifier per calibration image (file path or split index).
+        num_classes: number of classes of the data set.
+    """
+
+    calibration: Dataset
+    evaluation: Dataset
+    calibration_ids: list[str]
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Reads one gzip-compressed IDX file (the MNIST format) into a uint8 tensor."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+        data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
+        return data.reshape(dims)
+    except (OSError, ValueError, RuntimeError, struct.error) as err:
+        raise DataError(
+            f"corrupt Fashion-MNIST file {path}: {err}. Fix: reinstall it "
+            "(apt-get install --reinstall dataset-fashion-mnist) or point data.root at a good copy."
+        ) from err
+
+
+def _download_fashion_mnist(cache_dir: Path) -> Path:
+    """Downloads Fashion-MNIST with torchvision (needs a network); returns the folder of the .gz files."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        FashionMNIST(str(cache_dir), train=True, download=True)
+        FashionMNIST(str(cache_dir), train=False, download=True)
+    except Exception as err:  # any network or file failure means: not available here
+        raise DataError(
+            f"Fashion-MNIST was not found and could not be downloaded ({type(err).__name__}). "
+            "Fix: apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist/), "
+            "or set data.root to a folder holding train-images-idx3-ubyte.gz and the three other files."
+        ) from err
+    return cache_dir / "FashionMNIST" / "raw"
+
+
+def load_fashion_mnist(root: str | Path, split: str, download_dir: str | Path | None = None) -> TensorDataset:
+    """Loads a Fashion-MNIST split as normalised ``[N, 1, 28, 28]`` float images and int64 labels.
+
+    Args:
+        root: folder holding the four ``*-ubyte.gz`` files (the Debian package's layout).
+        split: ``train`` (60 000 images) or ``test`` (10 000 images).
+        download_dir: where torchvision may download the files when ``root`` lacks them; ``None`` disables it.
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}. Fix: use 'train' or 'test'.")
+    folder = Path(root)
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    if not (folder / image_file).exists():
+        if download_dir is None:
+            raise DataError(
+                f"Fashion-MNIST files not found in {folder}. Fix: apt-get install dataset-fashion-mnist, "
+                "or set data.root to the folder holding the *-ubyte.gz files."
+            )
+        folder = _download_fashion_mnist(Path(download_dir).expanduser())
+    images = _read_idx(folder / image_file)
+    labels = _read_idx(folder / label_file).long()
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"malformed Fashion-MNIST files in {folder}: images {tuple(images.shape)}, labels "
+                        f"{tuple(labels.shape)}. Fix: reinstall dataset-fashion-mnist.")
+    mean, std = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
+    normalised = (images.float().div_(255.0).sub_(mean).div_(std)).unsqueeze(1)
+    return TensorDataset(normalised, labels)
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (the order every timm model was trained with)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_names())
+
+
+class ImageNetFolder(Dataset):
+    """One split of an ImageNet tree, ``root/<split>/<wnid>/*.JPEG``, labelled with the fixed wnid map.
+
+    Unlike ``torchvision.datasets.ImageFolder``, class indices come from the full 1000-class list, so a folder
+    holding only some classes still scores against the right logits.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Any = None) -> None:
+        self.split_dir = Path(root) / split
+        self.transform = transform
+        if not self.split_dir.is_dir():
+            raise DataError(
+                f"ImageNet split folder {self.split_dir} does not exist. Fix: data.root (or IMAGENET_ROOT) must "
+                f"hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."
+            )
+        class_index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+        samples: list[tuple[str, int]] = []
+        for class_dir in sorted(p for p in self.split_dir.iterdir() if p.is_dir()):
+            if class_dir.name not in class_index:
+                raise DataError(
+                    f"{class_dir} is not an ImageNet-1k class folder (expected a wnid such as n01440764). "
+                    "Fix: arrange the split as <split>/<wnid>/*.JPEG (val too: use a script that sorts val "
+                    "images into wnid folders)."
+                )
+            label = class_index[class_dir.name]
+            samples += [(str(p), label) for p in sorted(class_dir.iterdir())
+                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not samples:
+            raise DataError(
+                f"no images found under {self.split_dir}. Fix: the layout must be {self.split_dir}/<wnid>/*.JPEG."
+            )
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"corrupt image file {path} ({err}). Fix: delete or replace that file.") from err
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def resolve_imagenet_root(root: str | None) -> Path:
+    """Checks the ImageNet root given by ``data.root`` or ``IMAGENET_ROOT``."""
+    if not root:
+        raise DataError(
+            "no ImageNet root given. Fix: pass data.root=/path/to/imagenet or set the IMAGENET_ROOT environment "
+            "variable (layout train/<wnid>/*.JPEG, val/<wnid>/*.JPEG)."
+        )
+    path = Path(os.path.expanduser(root))
+    if not path.is_dir():
+        raise DataError(f"ImageNet root {path} does not exist. Fix: data.root=/path/to/imagenet or IMAGENET_ROOT.")
+    return path
+
+
+def create_transform(model: torch.nn.Module, data_cfg: DictConfig, training: bool = False) -> Any:
+    """timm's preprocessing for ``model``; config values that are not ``None`` override the model's own."""
+    from timm.data import create_transform as timm_create_transform
+    from timm.data import resolve_data_config
+
+    overrides: dict[str, Any] = {}
+    for key in ("interpolation", "crop_pct", "mean", "std"):
+        if data_cfg.get(key) is not None:
+            overrides[key] = data_cfg[key]
+    if data_cfg.get("img_size") is not None:
+        overrides["input_size"] = (3, int(data_cfg.img_size), int(data_cfg.img_size))
+    config = resolve_data_config(overrides, model=model)
+    return timm_create_transform(**config, is_training=training)
+
+
+def resolved_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict[str, Any]:
+    """The preprocessing actually used (for results.json): input size, crop_pct, interpolation, mean, std."""
+    from timm.data import resolve_data_config
+
+    overrides = {k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if data_cfg.get(k) is not None}
+    return dict(resolve_data_config(overrides, model=model))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def seeded_subset(dataset: Dataset, num: int, seed: int, what: str) -> tuple[Subset, list[int]]:
+    """A random subset of ``num`` items drawn with ``seed``; indices sorted for reproducible file order."""
+    total = len(dataset)  # type: ignore[arg-type]
+    if num > total:
+        raise DataError(f"{what} asks for {num} images but the split holds only {total}. "
+                        f"Fix: lower the count (at most {total}).")
+    if num <= 0:
+        raise DataError(f"{what} must be positive, got {num}.")
+    generator = torch.Generator().manual_seed(seed)
+    indices = sorted(torch.randperm(total, generator=generator)[:num].tolist())
+    return Subset(dataset, indices), indices
+
+
+def build_data(data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, seed: int) -> DataBundle:
+    """Builds the calibration and evaluation sets named by ``data_cfg`` for ``model``."""
+    if data_cfg.name == "fashion_mnist":
+        download_dir = data_cfg.get("download_dir")
+        train = load_fashion_mnist(data_cfg.root, "train", download_dir)
+        evaluation: Dataset = load_fashion_mnist(data_cfg.root, "test", download_dir)
+        calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
+        ids = [f"train[{i}]" for i in indices]
+        num_classes = 10
+    elif data_cfg.name == "imagenet":
+        root = resolve_imagenet_root(data_cfg.root)
+        calib_transform = create_transform(model, data_cfg, training=data_cfg.calib_transform == "train")
+        train_split = ImageNetFolder(root, "train", calib_transform)
+        evaluation = ImageNetFolder(root, "val", create_transform(model, data_cfg))
+        calibration, indices = seeded_subset(train_split, num_calib, seed, "calib.num_images")
+        ids = [train_split.samples[i][0] for i in indices]
+        num_classes = 1000
+    else:
+        raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet or data=fashion_mnist.")
+    if data_cfg.get("num_eval") is not None:
+        evaluation, _ = seeded_subset(evaluation, int(data_cfg.num_eval), seed, "data.num_eval")
+    return DataBundle(calibration, evaluation, ids, num_classes)
+
+
+def create_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
+    """A deterministic (unshuffled) loader."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)

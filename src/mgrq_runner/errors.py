@@ -1,0 +1,25 @@
+"""User-facing errors: each one names the problem and how to fix it.
+
+The CLI prints these as one clear message (no traceback) and exits with status 2. Anything else is a bug and
+keeps its traceback.
+"""
+
+
+class MgrqError(Exception):
+    """Base class of the errors a user can fix by changing the command, the config or the data."""
+
+
+class ConfigError(MgrqError):
+    """A config value is invalid (unknown model, bits out of range, inconsistent settings)."""
+
+
+class DataError(MgrqError):
+    """The data set is missing, malformed or holds a corrupt file."""
+
+
+class ModelError(MgrqError):
+    """The model cannot be built or its weights cannot be loaded."""
+
+
+class NumericalError(MgrqError):
+    """A loss or an output became NaN or infinite."""

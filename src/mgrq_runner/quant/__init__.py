@@ -1,0 +1,1 @@
+"""Quantization: primitives, quantizers, quantized layers, attention, quantize_, calibration."""

@@ -1,0 +1,107 @@
+"""``quantize_(model, config)``: swap a timm ViT/DeiT/Swin's layers for quantized ones, in place.
+
+After ``quantize_`` every quantizer is disabled, so the model still computes its FP function (through the
+explicit attention path). ``calibrate`` then sets the ranges and enables them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.quant.attention import QuantViTAttention, QuantWindowAttention
+from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, _QuantWeightLayer
+from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What ``quantize_`` inserts.
+
+    Attributes:
+        w_bits: weight bits (every Linear, the patch-embedding conv, the head).
+        a_bits: activation bits (Linear inputs and both operands of both attention matmuls).
+        input_bits: bits of the image entering the patch-embedding conv.
+        softmax_quantizer: ``log_sqrt2`` or ``uniform`` for the post-softmax operand.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    input_bits: int = 8
+    softmax_quantizer: str = "log_sqrt2"
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "input_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise ConfigError(f"quant.{name}={bits!r} is outside {MIN_BITS}..{MAX_BITS}. "
+                                  f"Fix: pick an integer from {MIN_BITS} to {MAX_BITS} (e.g. quant=w4a4).")
+        if self.softmax_quantizer not in ("log_sqrt2", "uniform"):
+            raise ConfigError(f"softmax quantizer {self.softmax_quantizer!r} is unknown. Fix: log_sqrt2 or uniform.")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replaces attention, Linear and patch-embedding layers of ``model`` with quantized ones (in place).
+
+    Returns:
+        ``model`` itself, for chaining.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            _replace(model, name, QuantViTAttention(module, config.w_bits, config.a_bits, config.softmax_quantizer))
+        elif isinstance(module, WindowAttention):
+            _replace(model, name, QuantWindowAttention(module, config.w_bits, config.a_bits,
+                                                       config.softmax_quantizer))
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            _replace(model, name, QuantLinear(module, config.w_bits, config.a_bits))
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not isinstance(getattr(patch_embed, "proj", None), nn.Conv2d):
+        raise ModelError(f"{type(model).__name__} has no patch_embed.proj convolution. Fix: use a timm ViT, DeiT "
+                         "or Swin model.")
+    patch_embed.proj = QuantConv2d(patch_embed.proj, config.w_bits, config.input_bits)
+    leftover = [n for n, m in model.named_modules() if "Attention" in type(m).__name__
+                and not isinstance(m, QuantViTAttention | QuantWindowAttention)]
+    if leftover:
+        raise ModelError(f"unsupported attention layer {type(model.get_submodule(leftover[0])).__name__} at "
+                         f"{leftover[0]}. Fix: use a plain ViT, DeiT or Swin architecture.")
+    return model
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, _QuantWeightLayer]]:
+    """All quantized Linear and Conv2d layers, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantWeightLayer):
+            yield name, module
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuantizer | LogSqrt2Quantizer]]:
+    """Every quantizer of ``model`` (weights and activations), in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, UniformQuantizer | LogSqrt2Quantizer):
+            yield name, module
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuantizer | LogSqrt2Quantizer]]:
+    """Quantizers of activations (everything but the weight quantizers)."""
+    for name, quantizer in quantizers(model):
+        if not name.endswith("weight_quantizer"):
+            yield name, quantizer
+
+
+def set_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switches every quantizer on or off."""
+    for _, quantizer in quantizers(model):
+        quantizer.enabled = enabled

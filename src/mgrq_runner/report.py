@@ -1,0 +1,48 @@
+"""Terminal output: rich progress bars for long stages and the summary table of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def track(items: Iterable[T], total: int, description: str, enabled: bool = True) -> Iterator[T]:
+    """Yields ``items`` while a rich progress bar counts them (a plain pass-through when disabled)."""
+    if not enabled:
+        yield from items
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """One-row table of a finished run."""
+    table = Table(title=f"mgrq-run: {results['model']} / {results['method']}")
+    for column in ("W/A", "top-1", "top-5", "FP top-1", "FP top-5", "agreement", "calib", "eval", "seconds"):
+        table.add_column(column, justify="right")
+    bits = "32/32" if results["method"] == "fp" else f"{results['w_bits']}/{results['a_bits']}"
+    table.add_row(bits, _fmt(results["top1"]), _fmt(results["top5"]), _fmt(results["fp_top1"]),
+                  _fmt(results["fp_top5"]), _fmt(results["fp_agreement"], 4), str(results["num_calib"]),
+                  str(results["num_eval"]), _fmt(sum(results["times"].values()), 1))
+    return table
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    console.print(summary_table(results))
+    console.print(f"results: {results['run_dir']}/results.json")
