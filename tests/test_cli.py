@@ -1,0 +1,78 @@
+"""The ``mgrq-run`` command end to end on a generated ImageNet tree, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def mgrq_run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mgrq_runner.cli", f"hydra.run.dir={tmp_path / 'run'}", "progress=false",
+               *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def imagenet_overrides(root: Path, *extra: str) -> list[str]:
+    return ["model=deit_t", "model.pretrained=false", f"data.root={root}", "data.workers=0", "data.batch_size=4",
+            "calib.num_images=4", *extra]
+
+
+def test_imagenet_tree_end_to_end(tmp_path: Path, imagenet_tree: Path) -> None:
+    done = mgrq_run(tmp_path, *imagenet_overrides(imagenet_tree, "quant=w8a8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "done" and results["model"] == "deit_tiny_patch16_224.fb_in1k"
+    assert results["num_eval"] == 6 and results["num_calib"] == 4 and results["dataset"] == "imagenet"
+    assert results["img_size"] == 224 and results["crop_pct"] == 0.875 and results["interpolation"] == "bicubic"
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    calibration = (tmp_path / "run" / "calibration_images.txt").read_text().split()
+    assert len(calibration) == 4 and all("/train/" in path for path in calibration)
+
+
+def assert_clear_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for phrase in phrases:
+        assert phrase in output, output[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrases"),
+    [
+        (["data.root=/no/such/imagenet"], ["ImageNet root /no/such/imagenet does not exist", "data.root="]),
+        (["quant.w_bits=9"], ["quant.w_bits=9 is outside 2..8"]),
+        (["quant.a_bits=1"], ["quant.a_bits=1 is outside 2..8"]),
+        (["model.name=deit_nano_patch16_224.fb_in1k"], ["unknown timm model", "Fix:"]),
+        (["calib.num_images=50"], ["asks for 50 images but the split holds only 6"]),
+    ],
+)
+def test_bad_input_is_one_clear_message(tmp_path: Path, imagenet_tree: Path, overrides, phrases) -> None:
+    assert_clear_error(mgrq_run(tmp_path, *imagenet_overrides(imagenet_tree), *overrides), *phrases)
+
+
+def test_malformed_root_and_corrupt_image(tmp_path: Path, imagenet_tree: Path) -> None:
+    (imagenet_tree / "val" / "misc").mkdir()
+    assert_clear_error(mgrq_run(tmp_path, *imagenet_overrides(imagenet_tree)), "not an ImageNet-1k class folder")
+    (imagenet_tree / "val" / "misc").rmdir()
+    bad = sorted((imagenet_tree / "val").glob("*/*.JPEG"))[-1]
+    bad.write_bytes(b"\xff\xd8 truncated")
+    # Through a DataLoader worker too: the message must still be the one sentence naming the file.
+    done = mgrq_run(tmp_path, *imagenet_overrides(imagenet_tree, "data.workers=1"))
+    assert_clear_error(done, f"corrupt image file {bad}")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "calibrate" in results["times"]
+
+
+def test_no_imagenet_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    done = mgrq_run(tmp_path, "model=deit_t", "model.pretrained=false")
+    assert_clear_error(done, "no ImageNet root given", "IMAGENET_ROOT")
+
+
+def test_unknown_preset_lists_the_options(tmp_path: Path) -> None:
+    done = mgrq_run(tmp_path, "model=deit_xl")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "Could not find 'model/deit_xl'" in done.stderr and "deit_s" in done.stderr

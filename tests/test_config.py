@@ -1,0 +1,44 @@
+"""Every preset composes (compose API), the data set follows the model, and bad settings are rejected."""
+
+import itertools
+
+import pytest
+
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.run import quant_settings
+
+MODELS = ["deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "proxy_vit"]
+QUANTS = ["w3a3", "w4a4", "w6a6", "w8a8"]
+METHODS = ["fp", "minmax", "repq"]
+
+
+@pytest.mark.parametrize(("model", "quant", "method"), list(itertools.product(MODELS, QUANTS, METHODS)))
+def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str) -> None:
+    cfg = compose_cfg(f"model={model}", f"quant={quant}", f"method={method}")
+    assert cfg.quant.w_bits == cfg.quant.a_bits == int(quant[1])
+    assert cfg.data.name == ("fashion_mnist" if model == "proxy_vit" else "imagenet")
+    assert cfg.model.name == "proxy_vit" or "." in cfg.model.name, "ImageNet presets pin a weight tag"
+    if method != "fp":
+        quant_settings(cfg)
+
+
+def test_any_bits_by_override_and_imagenet_root_from_env(compose_cfg, monkeypatch) -> None:
+    monkeypatch.setenv("IMAGENET_ROOT", "/data/imagenet")
+    cfg = compose_cfg("model=deit_s", "quant.w_bits=3", "quant.a_bits=4")
+    quant, _ = quant_settings(cfg)
+    assert (quant.w_bits, quant.a_bits) == (3, 4)
+    assert cfg.data.root == "/data/imagenet"
+    assert compose_cfg("model=deit_s", "data.root=/elsewhere").data.root == "/elsewhere"
+
+
+@pytest.mark.parametrize("override", ["quant.w_bits=1", "quant.a_bits=9", "quant.input_bits=0"])
+def test_bits_out_of_range(compose_cfg, override: str) -> None:
+    with pytest.raises(ConfigError, match=r"outside 2\.\.8"):
+        quant_settings(compose_cfg(override))
+
+
+def test_bad_init_settings(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match="search"):
+        quant_settings(compose_cfg("method.init.search=kl"))
+    with pytest.raises(ConfigError, match="softmax"):
+        quant_settings(compose_cfg("method.init.softmax_quantizer=linear"))

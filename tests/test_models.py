@@ -1,0 +1,63 @@
+"""Model creation: presets, unknown names, offline weights, safe checkpoint loading."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from mgrq_runner.errors import ModelError
+from mgrq_runner.models import create_model, load_state_dict
+
+
+def model_cfg(name: str, pretrained: bool = False, checkpoint: str | None = None):
+    return OmegaConf.create({"name": name, "pretrained": pretrained, "checkpoint": checkpoint})
+
+
+def test_unknown_and_unsupported_names() -> None:
+    with pytest.raises(ModelError, match="unknown timm model 'deit_huge_patch99_224"):
+        create_model(model_cfg("deit_huge_patch99_224.fb_in1k"))
+    with pytest.raises(ModelError, match="not a ViT, DeiT or Swin"):
+        create_model(model_cfg("resnet50.a1_in1k"))
+
+
+def test_pretrained_without_network_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # The offline switch is read when huggingface_hub is imported, so set the module constant itself.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ModelError, match="model.checkpoint=.*model.pretrained=false"):
+        create_model(model_cfg("deit_tiny_patch16_224.fb_in1k", pretrained=True))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_checkpoint(tmp_path: Path, suffix: str) -> None:
+    source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"model": source.state_dict()}, path)
+    model = create_model(model_cfg("deit_tiny_patch16_224.fb_in1k", pretrained=True, checkpoint=str(path)))
+    assert torch.equal(model.pos_embed, source.pos_embed)
+    with pytest.raises(ModelError, match="does not fit"):
+        create_model(model_cfg("deit_small_patch16_224.fb_in1k", pretrained=True, checkpoint=str(path)))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"weight": Payload()}))
+    with pytest.raises(ModelError, match="could not load .* safely"):
+        load_state_dict(path)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.pth")

@@ -1,0 +1,78 @@
+"""The pipeline on the shipped proxy: results.json contents, methods, and accuracy at high bit widths."""
+
+import json
+
+import pytest
+import torch
+
+from mgrq_runner.data import load_fashion_mnist
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.models import create_proxy_model
+from mgrq_runner.quant.api import QuantConfig, quantize_
+from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.run import run
+from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+
+REQUIRED = ["model", "method", "w_bits", "a_bits", "top1", "top5", "fp_top1", "fp_top5", "fp_agreement",
+            "num_calib", "num_eval", "seed", "times", "versions", "git_sha", "status", "param_count", "img_size",
+            "crop_pct", "interpolation", "top1_err", "top5_err"]
+
+
+@needs_fashion_mnist
+def test_proxy_repq_run_writes_results(compose_cfg) -> None:
+    cfg = compose_cfg("calib.num_images=64", "data.num_eval=500")
+    results = run(cfg)
+    on_disk = json.loads(open(f"{cfg.output_dir}/results.json").read())
+    assert on_disk == json.loads(json.dumps(results, default=str))
+    assert all(key in results for key in REQUIRED)
+    assert results["status"] == "done" and results["model"] == "proxy_vit" and results["method"] == "repq"
+    assert results["num_calib"] == 64 and results["num_eval"] == 500
+    assert set(results["times"]) == {"build_model", "data", "quantize", "calibrate", "evaluate"}
+    assert results["versions"]["torch"] == torch.__version__
+    assert 0.0 <= results["fp_agreement"] <= 1.0 and results["top1"] <= 100.0
+    assert results["fp_top1"] > 85.0, "the shipped proxy is a trained model"
+    calibration_list = open(f"{cfg.output_dir}/calibration_images.txt").read().split()
+    assert len(calibration_list) == 64 and calibration_list[0].startswith("train[")
+
+
+@needs_fashion_mnist
+def test_fp_method_is_the_fp_row(compose_cfg) -> None:
+    results = run(compose_cfg("method=fp", "data.num_eval=300"))
+    assert results["top1"] == results["fp_top1"] and results["fp_agreement"] == 1.0
+    assert results["w_bits"] == 32 and results["num_calib"] == 0 and "calibrate" not in results["times"]
+
+
+def test_failed_run_keeps_what_it_computed(compose_cfg) -> None:
+    cfg = compose_cfg("data.root=/nonexistent", "data.download_dir=null")
+    with pytest.raises(Exception, match="dataset-fashion-mnist"):
+        run(cfg)
+    results = json.loads(open(f"{cfg.output_dir}/results.json").read())
+    assert results["status"] == "failed" and "dataset-fashion-mnist" in results["error"]
+    assert "build_model" in results["times"] and "top1" not in results
+
+
+def test_model_and_data_must_agree(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match="predicts 1000 classes but data fashion_mnist has 10"):
+        run(compose_cfg("model.name=deit_tiny_patch16_224.fb_in1k", "model.pretrained=false",
+                        "data.num_eval=10"))
+
+
+@needs_fashion_mnist
+def test_quantized_logit_error_falls_with_bits() -> None:
+    images = load_fashion_mnist(FASHION_MNIST_ROOT, "test").tensors[0][:256]
+    calibration = load_fashion_mnist(FASHION_MNIST_ROOT, "train").tensors[0][:64]
+    reference = create_proxy_model().eval()
+    with torch.no_grad():
+        fp_logits = reference(images)
+    errors = {}
+    for bits in (3, 4, 8):
+        model = quantize_(create_proxy_model().eval(), QuantConfig(w_bits=bits, a_bits=bits))
+        calibrate(model, [calibration], 1, InitConfig(), torch.device("cpu"))
+        with torch.no_grad():
+            logits = model(images)
+        errors[bits] = ((logits - fp_logits).norm() / fp_logits.norm()).item()
+        if bits == 8:
+            agreement = (logits.argmax(1) == fp_logits.argmax(1)).float().mean().item()
+            assert errors[8] < 0.05 and agreement > 0.98, (errors[8], agreement)
+    assert errors[3] > errors[4] > errors[8]
+
