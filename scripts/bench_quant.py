@@ -59,8 +59,10 @@ def main() -> None:
         quant_times.append(seconds_per_batch(quant_model, images))
     fp_rate = args.batch_size / statistics.median(fp_times)
     quant_rate = args.batch_size / statistics.median(quant_times)
-    print(f"model {args.model} (random weights), batch {args.batch_size}, device {device}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}, timm {timm.__version__}")
+    print(
+        f"model {args.model} (random weights), batch {args.batch_size}, device {device}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, timm {timm.__version__}"
+    )
     print(f"FP     : {fp_rate:8.1f} images/s (median of {args.rounds} batches)")
     print(f"W{args.w_bits}A{args.a_bits}   : {quant_rate:8.1f} images/s (fake-quantized, explicit attention)")
     print(f"ratio  : {quant_rate / fp_rate:.3f} (target >= 0.7)")

@@ -41,8 +41,10 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
     model.eval()
-    correct = sum((model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum().item()
-                  for i in range(0, len(images), batch))
+    correct = sum(
+        (model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum().item()
+        for i in range(0, len(images), batch)
+    )
     return 100.0 * correct / len(images)
 
 
@@ -91,8 +93,10 @@ def main() -> None:
             optimizer.step()
             scheduler.step()
             running += loss.item()
-        print(f"epoch {epoch + 1}/{args.epochs} loss {running / steps_per_epoch:.4f} "
-              f"elapsed {time.time() - start:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} loss {running / steps_per_epoch:.4f} elapsed {time.time() - start:.0f}s",
+            flush=True,
+        )
 
     top1 = accuracy(model, test_images, test_labels)
     train_seconds = time.time() - start
@@ -101,10 +105,19 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
     card = {
         "command": "python scripts/train_proxy.py " + shlex.join(sys.argv[1:]),
-        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "weight_decay": args.weight_decay, "drop_path": args.drop_path, "architecture": PROXY_ARCH,
-        "test_top1": round(top1, 2), "train_seconds": round(train_seconds), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "timm": timm.__version__, "machine": platform.machine(),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "drop_path": args.drop_path,
+        "architecture": PROXY_ARCH,
+        "test_top1": round(top1, 2),
+        "train_seconds": round(train_seconds),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "machine": platform.machine(),
         "param_count": sum(p.numel() for p in model.parameters()),
     }
     args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

@@ -9,14 +9,27 @@ import pytest
 
 
 def mgrq_run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mgrq_runner.cli", f"hydra.run.dir={tmp_path / 'run'}", "progress=false",
-               *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "mgrq_runner.cli",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+        *overrides,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 def imagenet_overrides(root: Path, *extra: str) -> list[str]:
-    return ["model=deit_t", "model.pretrained=false", f"data.root={root}", "data.workers=0", "data.batch_size=4",
-            "calib.num_images=4", *extra]
+    return [
+        "model=deit_t",
+        "model.pretrained=false",
+        f"data.root={root}",
+        "data.workers=0",
+        "data.batch_size=4",
+        "calib.num_images=4",
+        *extra,
+    ]
 
 
 def test_imagenet_tree_end_to_end(tmp_path: Path, imagenet_tree: Path) -> None:

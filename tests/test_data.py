@@ -62,9 +62,19 @@ def test_imagenet_bundle_uses_model_preprocessing(imagenet_tree: Path) -> None:
     import timm
 
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    cfg = OmegaConf.create({"name": "imagenet", "root": str(imagenet_tree), "calib_transform": "eval",
-                            "num_eval": None, "img_size": None, "crop_pct": None, "interpolation": None,
-                            "mean": None, "std": None})
+    cfg = OmegaConf.create(
+        {
+            "name": "imagenet",
+            "root": str(imagenet_tree),
+            "calib_transform": "eval",
+            "num_eval": None,
+            "img_size": None,
+            "crop_pct": None,
+            "interpolation": None,
+            "mean": None,
+            "std": None,
+        }
+    )
     bundle = build_data(cfg, model, num_calib=4, seed=0)
     image, _ = bundle.evaluation[0]
     assert image.shape == (3, 224, 224) and len(bundle.calibration) == 4

@@ -13,9 +13,30 @@ from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.run import run
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
-REQUIRED = ["model", "method", "w_bits", "a_bits", "top1", "top5", "fp_top1", "fp_top5", "fp_agreement",
-            "num_calib", "num_eval", "seed", "times", "versions", "git_sha", "status", "param_count", "img_size",
-            "crop_pct", "interpolation", "top1_err", "top5_err"]
+REQUIRED = [
+    "model",
+    "method",
+    "w_bits",
+    "a_bits",
+    "top1",
+    "top5",
+    "fp_top1",
+    "fp_top5",
+    "fp_agreement",
+    "num_calib",
+    "num_eval",
+    "seed",
+    "times",
+    "versions",
+    "git_sha",
+    "status",
+    "param_count",
+    "img_size",
+    "crop_pct",
+    "interpolation",
+    "top1_err",
+    "top5_err",
+]
 
 
 @needs_fashion_mnist
@@ -53,8 +74,7 @@ def test_failed_run_keeps_what_it_computed(compose_cfg) -> None:
 
 def test_model_and_data_must_agree(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="predicts 1000 classes but data fashion_mnist has 10"):
-        run(compose_cfg("model.name=deit_tiny_patch16_224.fb_in1k", "model.pretrained=false",
-                        "data.num_eval=10"))
+        run(compose_cfg("model.name=deit_tiny_patch16_224.fb_in1k", "model.pretrained=false", "data.num_eval=10"))
 
 
 @needs_fashion_mnist
@@ -75,4 +95,3 @@ def test_quantized_logit_error_falls_with_bits() -> None:
             agreement = (logits.argmax(1) == fp_logits.argmax(1)).float().mean().item()
             assert errors[8] < 0.05 and agreement > 0.98, (errors[8], agreement)
     assert errors[3] > errors[4] > errors[8]
-

@@ -108,8 +108,10 @@ def load_fashion_mnist(root: str | Path, split: str, download_dir: str | Path | 
     images = _read_idx(folder / image_file)
     labels = _read_idx(folder / label_file).long()
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"malformed Fashion-MNIST files in {folder}: images {tuple(images.shape)}, labels "
-                        f"{tuple(labels.shape)}. Fix: reinstall dataset-fashion-mnist.")
+        raise DataError(
+            f"malformed Fashion-MNIST files in {folder}: images {tuple(images.shape)}, labels "
+            f"{tuple(labels.shape)}. Fix: reinstall dataset-fashion-mnist."
+        )
     mean, std = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
     normalised = (images.float().div_(255.0).sub_(mean).div_(std)).unsqueeze(1)
     return TensorDataset(normalised, labels)
@@ -150,8 +152,7 @@ class ImageNetFolder(Dataset):
                     "images into wnid folders)."
                 )
             label = class_index[class_dir.name]
-            samples += [(str(p), label) for p in sorted(class_dir.iterdir())
-                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+            samples += [(str(p), label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not samples:
             raise DataError(
                 f"no images found under {self.split_dir}. Fix: the layout must be {self.split_dir}/<wnid>/*.JPEG."
@@ -216,8 +217,9 @@ def seeded_subset(dataset: Dataset, num: int, seed: int, what: str) -> tuple[Sub
     """A random subset of ``num`` items drawn with ``seed``; indices sorted for reproducible file order."""
     total = len(dataset)  # type: ignore[arg-type]
     if num > total:
-        raise DataError(f"{what} asks for {num} images but the split holds only {total}. "
-                        f"Fix: lower the count (at most {total}).")
+        raise DataError(
+            f"{what} asks for {num} images but the split holds only {total}. Fix: lower the count (at most {total})."
+        )
     if num <= 0:
         raise DataError(f"{what} must be positive, got {num}.")
     generator = torch.Generator().manual_seed(seed)
@@ -251,5 +253,11 @@ def build_data(data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, see
 
 def create_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
     """A deterministic (unshuffled) loader."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )

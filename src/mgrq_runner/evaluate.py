@@ -63,8 +63,10 @@ def evaluate(
             _sync(device)
             seconds[name] += time.perf_counter() - start
             if not torch.isfinite(logits).all():
-                raise NumericalError(f"model '{name}' produced NaN/inf logits at image {total}. Fix: check the "
-                                     "quantizer ranges (a zero scale) or the input normalisation.")
+                raise NumericalError(
+                    f"model '{name}' produced NaN/inf logits at image {total}. Fix: check the "
+                    "quantizer ranges (a zero scale) or the input normalisation."
+                )
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == labels[:, None]
             correct1[name] += int(hits[:, 0].sum())

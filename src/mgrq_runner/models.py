@@ -23,8 +23,17 @@ PROXY_CARD = WEIGHTS_DIR / "proxy_vit_fmnist.json"
 
 # A small ViT for 28x28 grey images: 7x7 patches of 4x4 pixels plus a class token.
 PROXY_ARCH = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
-    qkv_bias=True, class_token=True, global_pool="token",
+    img_size=28,
+    patch_size=4,
+    in_chans=1,
+    num_classes=10,
+    embed_dim=96,
+    depth=4,
+    num_heads=3,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    class_token=True,
+    global_pool="token",
 )
 SUPPORTED_FAMILIES = ("vit_", "deit_", "swin_")
 
@@ -39,14 +48,23 @@ def create_proxy_model(pretrained: bool = True, checkpoint: str | None = None, *
     """
     model = VisionTransformer(**{**PROXY_ARCH, **overrides})
     model.pretrained_cfg = {
-        "input_size": (1, 28, 28), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-        "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD, "num_classes": 10, "architecture": PROXY_NAME,
+        "input_size": (1, 28, 28),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": FASHION_MNIST_MEAN,
+        "std": FASHION_MNIST_STD,
+        "num_classes": 10,
+        "architecture": PROXY_NAME,
     }
     weights = Path(checkpoint) if checkpoint else (PROXY_WEIGHTS if pretrained else None)
     if weights is not None:
         if not weights.exists():
-            fix = ("train it with `python scripts/train_proxy.py`" if weights == PROXY_WEIGHTS
-                   else "check model.checkpoint")
+            fix = (
+                "train it with `python scripts/train_proxy.py`"
+                if weights == PROXY_WEIGHTS
+                else "check model.checkpoint"
+            )
             raise ModelError(f"proxy weights {weights} not found. Fix: {fix}, or set model.pretrained=false.")
         model.load_state_dict(load_state_dict(weights))
     return model
@@ -72,8 +90,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for unsafe or broken files
-        raise ModelError(f"could not load {path} safely ({type(err).__name__}: {str(err).splitlines()[0]}). "
-                         "Fix: convert it to .safetensors or a plain state_dict of tensors.") from err
+        raise ModelError(
+            f"could not load {path} safely ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "Fix: convert it to .safetensors or a plain state_dict of tensors."
+        ) from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -92,14 +112,19 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
         return create_proxy_model(bool(model_cfg.pretrained), model_cfg.get("checkpoint")).eval()
     arch = name.split(".")[0]
     if not arch.startswith(SUPPORTED_FAMILIES):
-        raise ModelError(f"model {name!r} is not a ViT, DeiT or Swin. Fix: use a preset (model=deit_s, vit_b, "
-                         f"swin_t, ...) or a timm name starting with {', '.join(SUPPORTED_FAMILIES)}.")
+        raise ModelError(
+            f"model {name!r} is not a ViT, DeiT or Swin. Fix: use a preset (model=deit_s, vit_b, "
+            f"swin_t, ...) or a timm name starting with {', '.join(SUPPORTED_FAMILIES)}."
+        )
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise ModelError(f"unknown timm model {name!r}. Fix: pick a timm arch.tag, e.g. {', '.join(close)}.")
     if "." not in name and model_cfg.pretrained and not model_cfg.get("checkpoint"):
-        log.warning("model %s has no weight tag: timm resolves it to its current default weights, which may "
-                    "not be the ones the papers used (see method.md section 7)", name)
+        log.warning(
+            "model %s has no weight tag: timm resolves it to its current default weights, which may "
+            "not be the ones the papers used (see method.md section 7)",
+            name,
+        )
     checkpoint = model_cfg.get("checkpoint")
     load_hub = bool(model_cfg.pretrained) and not checkpoint
     try:
@@ -116,6 +141,8 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise ModelError(f"checkpoint {checkpoint} does not fit {name}: {str(err).splitlines()[0]}. "
-                             "Fix: use the checkpoint of that exact architecture.") from err
+            raise ModelError(
+                f"checkpoint {checkpoint} does not fit {name}: {str(err).splitlines()[0]}. "
+                "Fix: use the checkpoint of that exact architecture."
+            ) from err
     return model.eval()

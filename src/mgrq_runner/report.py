@@ -18,8 +18,14 @@ def track(items: Iterable[T], total: int, description: str, enabled: bool = True
     if not enabled:
         yield from items
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         for item in items:
@@ -37,9 +43,17 @@ def summary_table(results: dict[str, Any]) -> Table:
     for column in ("W/A", "top-1", "top-5", "FP top-1", "FP top-5", "agreement", "calib", "eval", "seconds"):
         table.add_column(column, justify="right")
     bits = "32/32" if results["method"] == "fp" else f"{results['w_bits']}/{results['a_bits']}"
-    table.add_row(bits, _fmt(results["top1"]), _fmt(results["top5"]), _fmt(results["fp_top1"]),
-                  _fmt(results["fp_top5"]), _fmt(results["fp_agreement"], 4), str(results["num_calib"]),
-                  str(results["num_eval"]), _fmt(sum(results["times"].values()), 1))
+    table.add_row(
+        bits,
+        _fmt(results["top1"]),
+        _fmt(results["top5"]),
+        _fmt(results["fp_top1"]),
+        _fmt(results["fp_top5"]),
+        _fmt(results["fp_agreement"], 4),
+        str(results["num_calib"]),
+        str(results["num_eval"]),
+        _fmt(sum(results["times"].values()), 1),
+    )
     return table
 
 

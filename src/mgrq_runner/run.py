@@ -49,19 +49,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def library_versions() -> dict[str, str]:
-    return {"mgrq_runner": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "hydra": hydra.__version__,
-            "omegaconf": omegaconf.__version__}
+    return {
+        "mgrq_runner": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "hydra": hydra.__version__,
+        "omegaconf": omegaconf.__version__,
+    }
 
 
 def git_revision() -> str | None:
     """The source tree's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
     source = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
@@ -96,10 +109,18 @@ class RunRecord:
 def quant_settings(cfg: DictConfig) -> tuple[QuantConfig, InitConfig]:
     """Validates the quantization settings before any heavy work."""
     init = cfg.method.init
-    quant = QuantConfig(w_bits=cfg.quant.w_bits, a_bits=cfg.quant.a_bits, input_bits=cfg.quant.input_bits,
-                        softmax_quantizer=init.softmax_quantizer)
-    return quant, InitConfig(search=init.search, percentiles=tuple(init.percentiles), reparam=init.reparam,
-                             observer_samples=init.observer_samples)
+    quant = QuantConfig(
+        w_bits=cfg.quant.w_bits,
+        a_bits=cfg.quant.a_bits,
+        input_bits=cfg.quant.input_bits,
+        softmax_quantizer=init.softmax_quantizer,
+    )
+    return quant, InitConfig(
+        search=init.search,
+        percentiles=tuple(init.percentiles),
+        reparam=init.reparam,
+        observer_samples=init.observer_samples,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -114,14 +135,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     quantize = bool(cfg.method.quantize)
     quant_config, init_config = quant_settings(cfg) if quantize else (None, None)
     num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
-    record = RunRecord(run_dir / "results.json", {
-        "model": str(cfg.model.name), "preset": cfg.model.get("preset"), "method": str(cfg.method.name),
-        "w_bits": cfg.quant.w_bits if quantize else 32, "a_bits": cfg.quant.a_bits if quantize else 32,
-        "dataset": str(cfg.data.name), "seed": int(cfg.seed), "run_dir": str(run_dir),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": library_versions(), "git_sha": git_revision(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    })
+    record = RunRecord(
+        run_dir / "results.json",
+        {
+            "model": str(cfg.model.name),
+            "preset": cfg.model.get("preset"),
+            "method": str(cfg.method.name),
+            "w_bits": cfg.quant.w_bits if quantize else 32,
+            "a_bits": cfg.quant.a_bits if quantize else 32,
+            "dataset": str(cfg.data.name),
+            "seed": int(cfg.seed),
+            "run_dir": str(run_dir),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+            "git_sha": git_revision(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    )
     try:
         results = _pipeline(cfg, record, quant_config, init_config, num_calib)
     except BaseException as err:
@@ -132,7 +162,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _pipeline(
-    cfg: DictConfig, record: RunRecord, quant_config: QuantConfig | None, init_config: InitConfig | None,
+    cfg: DictConfig,
+    record: RunRecord,
+    quant_config: QuantConfig | None,
+    init_config: InitConfig | None,
     num_calib: int,
 ) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
@@ -144,14 +177,20 @@ def _pipeline(
     with record.stage("data"):
         bundle = build_data(cfg.data, fp_model, max(num_calib, 1), int(cfg.seed))
     if fp_model.num_classes != bundle.num_classes:
-        raise ConfigError(f"model {cfg.model.name} predicts {fp_model.num_classes} classes but data "
-                          f"{cfg.data.name} has {bundle.num_classes}. Fix: pick the model with a preset of its "
-                          f"data set (model=deit_s model.name=<timm arch.tag> for ImageNet, model=proxy_vit for "
-                          f"Fashion-MNIST), or override data=.")
+        raise ConfigError(
+            f"model {cfg.model.name} predicts {fp_model.num_classes} classes but data "
+            f"{cfg.data.name} has {bundle.num_classes}. Fix: pick the model with a preset of its "
+            f"data set (model=deit_s model.name=<timm arch.tag> for ImageNet, model=proxy_vit for "
+            f"Fashion-MNIST), or override data=."
+        )
     preprocessing = resolved_data_config(fp_model, cfg.data)
-    record.update(param_count=round(sum(p.numel() for p in fp_model.parameters()) / 1e6, 3),
-                  img_size=preprocessing["input_size"][-1], crop_pct=preprocessing.get("crop_pct"),
-                  interpolation=preprocessing.get("interpolation"), device=str(device))
+    record.update(
+        param_count=round(sum(p.numel() for p in fp_model.parameters()) / 1e6, 3),
+        img_size=preprocessing["input_size"][-1],
+        crop_pct=preprocessing.get("crop_pct"),
+        interpolation=preprocessing.get("interpolation"),
+        device=str(device),
+    )
 
     models = {"fp": fp_model.to(device)}
     if quant_config is not None and init_config is not None:
@@ -161,8 +200,13 @@ def _pipeline(
         calib_loader = create_loader(bundle.calibration, int(cfg.calib.batch_size), int(cfg.data.workers))
         images = (batch[0] for batch in calib_loader)
         with record.stage("calibrate"):
-            calibrate(models["quant"], track(images, len(calib_loader), "calibrate", show), len(calib_loader),
-                      init_config, device)
+            calibrate(
+                models["quant"],
+                track(images, len(calib_loader), "calibrate", show),
+                len(calib_loader),
+                init_config,
+                device,
+            )
 
     eval_loader = create_loader(bundle.evaluation, int(cfg.data.batch_size), int(cfg.data.workers))
     with record.stage("evaluate"):
@@ -171,10 +215,15 @@ def _pipeline(
     record.update(
         status="done",
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        top1=round(quant.top1, 3), top5=round(quant.top5, 3),
-        top1_err=round(100 - quant.top1, 3), top5_err=round(100 - quant.top5, 3),
-        fp_top1=round(fp.top1, 3), fp_top5=round(fp.top5, 3), fp_agreement=round(quant.agreement, 5),
-        num_calib=num_calib if quant_config is not None else 0, num_eval=quant.num_images,
+        top1=round(quant.top1, 3),
+        top5=round(quant.top5, 3),
+        top1_err=round(100 - quant.top1, 3),
+        top5_err=round(100 - quant.top5, 3),
+        fp_top1=round(fp.top1, 3),
+        fp_top5=round(fp.top5, 3),
+        fp_agreement=round(quant.agreement, 5),
+        num_calib=num_calib if quant_config is not None else 0,
+        num_eval=quant.num_images,
         throughput={name: round(score.images_per_second, 1) for name, score in scores.items()},
     )
     log.info("top-1 %.2f (FP %.2f), agreement %.4f", quant.top1, fp.top1, quant.agreement)

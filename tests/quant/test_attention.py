@@ -12,8 +12,11 @@ from mgrq_runner.quant.attention import QuantViTAttention, QuantWindowAttention
 
 @pytest.mark.parametrize(
     ("name", "attention_type"),
-    [("deit_tiny_patch16_224", QuantViTAttention), ("vit_small_patch16_224", QuantViTAttention),
-     ("swin_tiny_patch4_window7_224", QuantWindowAttention)],
+    [
+        ("deit_tiny_patch16_224", QuantViTAttention),
+        ("vit_small_patch16_224", QuantViTAttention),
+        ("swin_tiny_patch4_window7_224", QuantWindowAttention),
+    ],
 )
 def test_explicit_attention_matches_timm(name: str, attention_type: type) -> None:
     torch.manual_seed(0)

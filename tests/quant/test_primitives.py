@@ -65,8 +65,8 @@ def test_error_decreases_with_bits() -> None:
         scale, zero_point = P.choose_qparams(x.min(), x.max(), bits)
         uniform_errors.append((P.fake_quantize(x, scale, zero_point, bits) - x).pow(2).mean().item())
         log_errors.append((P.log_sqrt2_fake_quantize(probs, torch.tensor(1.0), bits) - probs).pow(2).mean().item())
-    assert all(a > b for a, b in zip(uniform_errors, uniform_errors[1:]))
-    assert all(a >= b for a, b in zip(log_errors, log_errors[1:])) and log_errors[0] > log_errors[-1]
+    assert all(a > b for a, b in zip(uniform_errors[:-1], uniform_errors[1:], strict=True))
+    assert all(a >= b for a, b in zip(log_errors[:-1], log_errors[1:], strict=True)) and log_errors[0] > log_errors[-1]
 
 
 def test_search_clips_outliers_and_matches_per_row_loop() -> None:

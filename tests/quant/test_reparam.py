@@ -26,7 +26,7 @@ def test_reparam_keeps_fp_function(name: str, num_pairs: int) -> None:
     assert len(reparam_pairs(model)) == num_pairs
     norms_before = [norm.weight.clone() for norm, _ in reparam_pairs(model)]
     calibrate(model, [torch.randn(2, 3, 224, 224)], 1, InitConfig(observer_samples=2**14), torch.device("cpu"))
-    assert any(not torch.equal(a, norm.weight) for a, (norm, _) in zip(norms_before, reparam_pairs(model)))
+    assert any(not torch.equal(a, norm.weight) for a, (norm, _) in zip(norms_before, reparam_pairs(model), strict=True))
     set_quantization(model, False)
     for _, layer in quant_layers(model):
         layer.unfreeze()
@@ -49,12 +49,14 @@ def test_per_tensor_after_reparam_equals_per_channel_before() -> None:
     with torch.no_grad():
         activation = norm(tokens)
         scale, zero_point = P.choose_qparams(activation.amin(0), activation.amax(0), bits)
-        expected = nn.functional.linear(P.fake_quantize(activation, scale, zero_point, bits), linear.weight,
-                                        linear.bias)
+        expected = nn.functional.linear(
+            P.fake_quantize(activation, scale, zero_point, bits), linear.weight, linear.bias
+        )
         target_scale, target_zero_point = reparameterize_(norm, linear, scale, zero_point)
         reparam_activation = norm(tokens)
-        actual = nn.functional.linear(P.fake_quantize(reparam_activation, target_scale, target_zero_point, bits),
-                                      linear.weight, linear.bias)
+        actual = nn.functional.linear(
+            P.fake_quantize(reparam_activation, target_scale, target_zero_point, bits), linear.weight, linear.bias
+        )
     assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
     codes = P.quantize(reparam_activation, target_scale, target_zero_point, bits)
     assert codes.min() == 0 and codes.max() == 2**bits - 1, "every channel now spans the common grid"

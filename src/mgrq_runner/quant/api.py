@@ -41,8 +41,10 @@ class QuantConfig:
         for name in ("w_bits", "a_bits", "input_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ConfigError(f"quant.{name}={bits!r} is outside {MIN_BITS}..{MAX_BITS}. "
-                                  f"Fix: pick an integer from {MIN_BITS} to {MAX_BITS} (e.g. quant=w4a4).")
+                raise ConfigError(
+                    f"quant.{name}={bits!r} is outside {MIN_BITS}..{MAX_BITS}. "
+                    f"Fix: pick an integer from {MIN_BITS} to {MAX_BITS} (e.g. quant=w4a4)."
+                )
         if self.softmax_quantizer not in ("log_sqrt2", "uniform"):
             raise ConfigError(f"softmax quantizer {self.softmax_quantizer!r} is unknown. Fix: log_sqrt2 or uniform.")
 
@@ -62,21 +64,26 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         if isinstance(module, Attention):
             _replace(model, name, QuantViTAttention(module, config.w_bits, config.a_bits, config.softmax_quantizer))
         elif isinstance(module, WindowAttention):
-            _replace(model, name, QuantWindowAttention(module, config.w_bits, config.a_bits,
-                                                       config.softmax_quantizer))
+            _replace(model, name, QuantWindowAttention(module, config.w_bits, config.a_bits, config.softmax_quantizer))
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             _replace(model, name, QuantLinear(module, config.w_bits, config.a_bits))
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not isinstance(getattr(patch_embed, "proj", None), nn.Conv2d):
-        raise ModelError(f"{type(model).__name__} has no patch_embed.proj convolution. Fix: use a timm ViT, DeiT "
-                         "or Swin model.")
+        raise ModelError(
+            f"{type(model).__name__} has no patch_embed.proj convolution. Fix: use a timm ViT, DeiT or Swin model."
+        )
     patch_embed.proj = QuantConv2d(patch_embed.proj, config.w_bits, config.input_bits)
-    leftover = [n for n, m in model.named_modules() if "Attention" in type(m).__name__
-                and not isinstance(m, QuantViTAttention | QuantWindowAttention)]
+    leftover = [
+        n
+        for n, m in model.named_modules()
+        if "Attention" in type(m).__name__ and not isinstance(m, QuantViTAttention | QuantWindowAttention)
+    ]
     if leftover:
-        raise ModelError(f"unsupported attention layer {type(model.get_submodule(leftover[0])).__name__} at "
-                         f"{leftover[0]}. Fix: use a plain ViT, DeiT or Swin architecture.")
+        raise ModelError(
+            f"unsupported attention layer {type(model.get_submodule(leftover[0])).__name__} at "
+            f"{leftover[0]}. Fix: use a plain ViT, DeiT or Swin architecture."
+        )
     return model
 
 

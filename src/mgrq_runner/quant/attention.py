@@ -41,9 +41,7 @@ class QuantViTAttention(nn.Module):
         self.proj = QuantLinear(attn.proj, w_bits, a_bits)
         self.proj_drop = attn.proj_drop
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -53,8 +51,9 @@ class QuantViTAttention(nn.Module):
         if is_causal:
             scores = scores + scores.new_full((tokens, tokens), float("-inf")).triu_(1)
         elif attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                else scores + attn_mask
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
         probs = self.attn_drop(scores.softmax(dim=-1))
         out = self.matmul_av(probs, v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
         out = self.norm(out)

@@ -59,8 +59,9 @@ def calibrate(
         init: range initialisation settings.
         device: where the search runs.
     """
-    reparam_targets = {id(linear.input_quantizer): (norm, linear)
-                       for norm, linear in (reparam_pairs(model) if init.reparam else [])}
+    reparam_targets = {
+        id(linear.input_quantizer): (norm, linear) for norm, linear in (reparam_pairs(model) if init.reparam else [])
+    }
     samples_per_batch = max(1, init.observer_samples // max(1, num_batches))
     for index, (_, quantizer) in enumerate(activation_quantizers(model)):
         quantizer.observer = Observer(id(quantizer) in reparam_targets, samples_per_batch, seed=index)

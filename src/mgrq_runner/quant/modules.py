@@ -67,8 +67,15 @@ class QuantConv2d(_QuantWeightLayer):
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.input_quantizer(x), self.quantized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        return F.conv2d(
+            self.input_quantizer(x),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class QuantMatMul(nn.Module):

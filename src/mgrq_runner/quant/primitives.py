@@ -116,10 +116,12 @@ def search_uniform_range(
     if len(percentiles) == 1:
         return lo[0], hi[0]
     scale, zero_point = choose_qparams(lo, hi, bits)  # [P, C]
-    errors = torch.stack([
-        (fake_quantize(rows, scale[i, :, None], zero_point[i, :, None], bits) - rows).pow(2).mean(dim=1)
-        for i in range(len(percentiles))
-    ])  # [P, C]
+    errors = torch.stack(
+        [
+            (fake_quantize(rows, scale[i, :, None], zero_point[i, :, None], bits) - rows).pow(2).mean(dim=1)
+            for i in range(len(percentiles))
+        ]
+    )  # [P, C]
     best = errors.argmin(dim=0)
     columns = torch.arange(rows.shape[0], device=rows.device)
     return lo[best, columns], hi[best, columns]

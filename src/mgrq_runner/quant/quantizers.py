@@ -108,8 +108,7 @@ class LogSqrt2Quantizer(nn.Module):
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
 
     def set_delta(self, delta: torch.Tensor) -> None:
-        self.delta = nn.Parameter(delta.detach().float().reshape(()).clone().to(self.delta.device),
-                                  requires_grad=False)
+        self.delta = nn.Parameter(delta.detach().float().reshape(()).clone().to(self.delta.device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:

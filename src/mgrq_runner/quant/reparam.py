@@ -25,8 +25,11 @@ def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, QuantLinear]]:
             pairs += [(module.norm1, module.attn.qkv), (module.norm2, module.mlp.fc1)]
         elif isinstance(module, PatchMerging):
             pairs.append((module.norm, module.reduction))
-    return [(norm, linear) for norm, linear in pairs
-            if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and isinstance(linear, QuantLinear)]
+    return [
+        (norm, linear)
+        for norm, linear in pairs
+        if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and isinstance(linear, QuantLinear)
+    ]
 
 
 @torch.no_grad()
