@@ -1,10 +1,11 @@
 """Trains the proxy ViT on Fashion-MNIST train on the CPU and writes the weights shipped in the package.
 
-    python scripts/train_proxy.py                    # the shipped weights: seed 0, 15 epochs
+    python scripts/train_proxy.py                    # the shipped weights: seed 0, 30 epochs, CPU
     python scripts/train_proxy.py --epochs 1 --out /tmp/proxy.safetensors
 
-Recipe: AdamW, one warm-up epoch then cosine decay, label smoothing 0.1, random 2-pixel shifts and horizontal
-flips. No hyperparameter was tuned on the test split; it is evaluated once, at the end.
+Recipe: AdamW, one warm-up epoch then cosine decay, label smoothing 0.1, random shifts of up to 2 pixels (no
+flips: every shoe in Fashion-MNIST points the same way). No hyperparameter was tuned on the test split; it is
+evaluated once, at the end.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from mgrq_runner.models import PROXY_ARCH, PROXY_WEIGHTS, create_proxy_model
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels (zero padded, in normalised space) and horizontal flips."""
+    """Random shifts of up to 2 pixels, padded with the background value."""
     batch = images.shape[0]
-    padded = F.pad(images, (2, 2, 2, 2), value=float(images.min()))
-    offsets = torch.randint(0, 5, (batch, 2), generator=generator)
-    shifted = torch.stack([padded[i, :, y : y + 28, x : x + 28] for i, (y, x) in enumerate(offsets.tolist())])
-    flip = torch.rand(batch, generator=generator) < 0.5
-    shifted[flip] = shifted[flip].flip(-1)
-    return shifted
+    padded = F.pad(images[:, 0], (2, 2, 2, 2), value=float(images.min()))
+    offsets = torch.randint(0, 5, (batch, 2), generator=generator).to(images.device)  # CPU draws on any device
+    pixels = torch.arange(28, device=images.device)
+    rows = (offsets[:, 0:1] + pixels)[:, :, None]
+    cols = (offsets[:, 1:2] + pixels)[:, None, :]
+    return padded[torch.arange(batch, device=images.device)[:, None, None], rows, cols].unsqueeze(1)
 
 
 @torch.no_grad()
@@ -51,12 +52,13 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--drop-path", type=float, default=0.05)
+    parser.add_argument("--drop-path", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="the shipped weights were trained on the CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=PROXY_WEIGHTS)
     args = parser.parse_args()
@@ -68,7 +70,10 @@ def main() -> None:
     train_images, train_labels = load_fashion_mnist(args.root, "train").tensors
     test_images, test_labels = load_fashion_mnist(args.root, "test").tensors
 
-    model = create_proxy_model(pretrained=False, drop_path_rate=args.drop_path)
+    device = torch.device(args.device)
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
+    test_images, test_labels = test_images.to(device), test_labels.to(device)
+    model = create_proxy_model(pretrained=False, drop_path_rate=args.drop_path).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, steps_per_epoch
@@ -82,7 +87,7 @@ def main() -> None:
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
-        order = torch.randperm(len(train_images), generator=generator)
+        order = torch.randperm(len(train_images), generator=generator).to(device)
         running = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
@@ -102,7 +107,7 @@ def main() -> None:
     train_seconds = time.time() - start
     print(f"Fashion-MNIST test top-1: {top1:.2f}% ({train_seconds:.0f}s of training)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(args.out))
     card = {
         "command": "python scripts/train_proxy.py " + shlex.join(sys.argv[1:]),
         "seed": args.seed,
@@ -118,6 +123,7 @@ def main() -> None:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "machine": platform.machine(),
+        "device": str(device),
         "param_count": sum(p.numel() for p in model.parameters()),
     }
     args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

@@ -89,3 +89,14 @@ def test_unknown_preset_lists_the_options(tmp_path: Path) -> None:
     done = mgrq_run(tmp_path, "model=deit_xl")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "Could not find 'model/deit_xl'" in done.stderr and "deit_s" in done.stderr
+
+
+@pytest.mark.slow
+def test_default_job(tmp_path: Path) -> None:
+    """The README's default job, end to end: the shipped proxy, W4A4, the whole Fashion-MNIST test split."""
+    done = mgrq_run(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "done" and results["num_eval"] == 10_000 and results["num_calib"] == 32
+    assert results["fp_top1"] >= 88.0, "the shipped proxy must reach 88 % top-1"
+    assert results["fp_top1"] - results["top1"] < 5.0, "repq at W4A4 stays within 5 points of FP on the proxy"

@@ -36,3 +36,11 @@ def test_every_linear_is_quantized() -> None:
     assert not [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     assert type(model.patch_embed.proj).__name__ == "QuantConv2d"
     assert model.patch_embed.proj.input_quantizer.bits == 8
+
+
+def test_quantizers_follow_the_model_device() -> None:
+    # The meta device stands in for a GPU: quantizers created by quantize_ must land beside the weights.
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).to("meta")
+    quantize_(model, QuantConfig())
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert devices == {"meta"}

@@ -93,3 +93,17 @@ def test_log_delta_search_prefers_low_error() -> None:
     error = (P.log_sqrt2_fake_quantize(probs, delta, 4) - probs).pow(2).mean()
     for candidate in torch.quantile(probs, torch.tensor([0.5001, 0.999, 1.0])):
         assert error <= (P.log_sqrt2_fake_quantize(probs, candidate, 4) - probs).pow(2).mean() + 1e-12
+
+
+def test_fast_paths_agree_with_the_reference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.randn(64, 50, 50, generator=generator).softmax(-1)
+    delta = torch.tensor(0.7)
+    for bits in (2, 4, 8):
+        reference = P.log_sqrt2_dequantize(P.log_sqrt2_quantize(probs, delta, bits), delta, bits)
+        mismatch = (P.log_sqrt2_fake_quantize(probs, delta, bits) != reference).float().mean().item()
+        assert mismatch < 1e-4, "only exact ties between two levels may round differently"
+    x = torch.randn(100_000, generator=generator) * 3
+    scale, zero_point = P.choose_qparams(x.min(), x.max(), 4)
+    fused = P.fake_quantize_fused(x, scale.reshape(1), zero_point.reshape(1), 4)
+    assert torch.allclose(fused, P.fake_quantize(x, scale, zero_point, 4), atol=1e-6)

@@ -84,7 +84,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
             f"unsupported attention layer {type(model.get_submodule(leftover[0])).__name__} at "
             f"{leftover[0]}. Fix: use a plain ViT, DeiT or Swin architecture."
         )
-    return model
+    return model.to(patch_embed.proj.weight.device)  # the new quantizers join the model's device
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, _QuantWeightLayer]]:

@@ -71,10 +71,21 @@ def log_sqrt2_dequantize(codes: torch.Tensor, delta: torch.Tensor, bits: int) ->
 
 
 def log_sqrt2_fake_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """``log_sqrt2_dequantize(log_sqrt2_quantize(x))``; gradients flow to ``delta`` (codes are constants)."""
-    with torch.no_grad():
-        codes = log_sqrt2_quantize(x, delta, bits)
-    return log_sqrt2_dequantize(codes, delta, bits)
+    """``log_sqrt2_dequantize(log_sqrt2_quantize(x))``, computed by bucketing ``x`` between level midpoints.
+
+    Rounding ``-2 * log2(x / delta)`` to the nearest integer is the same as finding ``x`` between the geometric
+    midpoints ``delta * 2**(-(k + 0.5) / 2)``, which one ``bucketize`` does in a single pass (no log, exp or
+    mask passes). Gradients flow to ``delta`` through the level table; the codes are constants.
+    """
+    codes = torch.arange(qmax(bits), dtype=x.dtype, device=x.device)
+    boundaries = (delta * torch.exp2(-(codes + 0.5) / 2.0)).flip(0).detach()
+    table = torch.cat([torch.zeros(1, dtype=x.dtype, device=x.device), (delta * torch.exp2(-codes / 2.0)).flip(0)])
+    return table[torch.bucketize(x, boundaries)]
+
+
+def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``fake_quantize`` in one fused kernel (per-tensor ``scale`` of one element); no gradient for ``scale``."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), 0, qmax(bits))
 
 
 def _quantiles(rows: torch.Tensor, percentiles: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

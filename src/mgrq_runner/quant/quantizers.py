@@ -91,6 +91,8 @@ class UniformQuantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
+        if not self.per_channel and not self.scale.requires_grad:
+            return P.fake_quantize_fused(x, self.scale, self.zero_point, self.bits)
         return P.fake_quantize(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.bits)
 
     def extra_repr(self) -> str:
