@@ -91,9 +91,10 @@ class UniformQuantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
-        if not self.per_channel and not self.scale.requires_grad:
-            return P.fake_quantize_fused(x, self.scale, self.zero_point, self.bits)
-        return P.fake_quantize(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.bits)
+        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            return P.fake_quantize(x, scale, zero_point, self.bits)
+        return P.fake_quantize_inference(x, scale, zero_point, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, enabled={self.enabled}"
