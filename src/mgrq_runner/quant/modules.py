@@ -23,17 +23,23 @@ class _QuantWeightLayer(nn.Module):
         super().__init__()
         self.input_quantizer = UniformQuantizer(a_bits)
         self.weight_quantizer = UniformQuantizer(w_bits, per_channel=True)
+        self.rounding: nn.Module | None = None  # AdaRound during and after reconstruction
         self._frozen_weight: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:
+        if not self.weight_quantizer.enabled:
+            return self.weight
         if self._frozen_weight is not None:
             return self._frozen_weight
+        if self.rounding is not None:
+            return self.rounding()
         return self.weight_quantizer(self.weight)
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Caches the fake-quantized weight (evaluation only: no gradient reaches the weight afterwards)."""
-        self._frozen_weight = self.weight_quantizer(self.weight).detach()
+        self._frozen_weight = None
+        self._frozen_weight = self.quantized_weight().detach()
 
     def unfreeze(self) -> None:
         self._frozen_weight = None

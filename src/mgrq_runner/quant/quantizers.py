@@ -57,6 +57,13 @@ class Observer:
         return data.t().contiguous() if self.per_channel else data[None]
 
 
+def _qdrop(x: torch.Tensor, quantized: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """QDrop: each element keeps its FP value with probability ``drop_prob`` (0: plain quantization)."""
+    if drop_prob <= 0.0:
+        return quantized
+    return torch.where(torch.rand_like(x) < drop_prob, x, quantized)
+
+
 class UniformQuantizer(nn.Module):
     """Asymmetric uniform fake-quantizer, per tensor or per channel along dim 0.
 
@@ -70,6 +77,7 @@ class UniformQuantizer(nn.Module):
         self.bits = bits
         self.per_channel = per_channel
         self.enabled = False
+        self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
         self.observer: Observer | None = None
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1))
@@ -93,8 +101,8 @@ class UniformQuantizer(nn.Module):
             return x
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return P.fake_quantize(x, scale, zero_point, self.bits)
-        return P.fake_quantize_inference(x, scale, zero_point, self.bits)
+            return _qdrop(x, P.fake_quantize(x, scale, zero_point, self.bits), self.drop_prob)
+        return _qdrop(x, P.fake_quantize_inference(x, scale, zero_point, self.bits), self.drop_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, enabled={self.enabled}"
@@ -107,6 +115,7 @@ class LogSqrt2Quantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.enabled = False
+        self.drop_prob = 0.0
         self.observer: Observer | None = None
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
 
@@ -118,7 +127,7 @@ class LogSqrt2Quantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
-        return P.log_sqrt2_fake_quantize(x, self.delta, self.bits)
+        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits), self.drop_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"

@@ -1,0 +1,1 @@
+"""Block-wise reconstruction (OBWR) with QDrop, global (EBGS) and local (IBLS) supervision, fused losses."""

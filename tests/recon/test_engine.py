@@ -1,0 +1,113 @@
+"""Reconstruction on the shipped proxy: loss terms, where their gradients go, and the error it removes."""
+
+import copy
+
+import pytest
+import torch
+
+from mgrq_runner.data import load_fashion_mnist
+from mgrq_runner.models import create_proxy_model
+from mgrq_runner.quant.api import QuantConfig, quantize_
+from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.recon.engine import (
+    LossConfig,
+    ReconConfig,
+    UnitTargets,
+    capture_points,
+    fp_outputs,
+    loss_terms,
+    prepare_unit,
+    reconstruct,
+    set_unit_quantization,
+)
+from mgrq_runner.recon.units import model_units, run_units
+from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+
+pytestmark = needs_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def proxy() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    images = load_fashion_mnist(FASHION_MNIST_ROOT, "train").tensors[0][:64]
+    fp_model = create_proxy_model().eval()
+    quant_model = quantize_(copy.deepcopy(fp_model), QuantConfig(w_bits=3, a_bits=3))
+    calibrate(quant_model, [images[:32]], 1, InitConfig(), torch.device("cpu"))
+    return fp_model, quant_model, images
+
+
+def test_units_compose_to_the_model(proxy) -> None:
+    fp_model, _, images = proxy
+    units = model_units(fp_model)
+    assert [u.name for u in units] == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    with torch.no_grad():
+        assert torch.equal(run_units(units, images), fp_model(images))
+
+
+def test_global_and_local_terms(proxy) -> None:
+    fp_model, quant_model, images = copy.deepcopy(proxy)
+    for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
+        parameter.requires_grad_(False)
+    quant_units, fp_units = model_units(quant_model), model_units(fp_model)
+    index, unit = 2, quant_units[2]
+    with torch.no_grad():
+        x_fp = run_units(fp_units[:index], images)
+        logits = fp_model(images)
+    points = capture_points(unit.module, LossConfig().local_layers)
+    assert len(points) == 4, "qkv, proj, fc1, fc2"
+    output, layers = fp_outputs(unit, x_fp, points, batch=32)
+    targets = UnitTargets(output, layers, logits)
+    idx = torch.arange(32)
+
+    set_unit_quantization(unit.module, False)
+    with torch.no_grad():
+        fp_terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+    assert fp_terms["global"].item() < 1e-8 and fp_terms["local"].item() < 1e-10
+
+    set_unit_quantization(unit.module, True)
+    roundings, scales = prepare_unit(unit.module, ReconConfig(quant_prob=1.0))
+    terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+    assert terms["global"].item() > 0 and terms["local"].item() > 0
+    learnable = {id(p) for p in [*scales, *(r.variable for r in roundings)]}
+    for name in ("global", "local"):
+        for parameter in [*learnable_parameters(quant_model, fp_model, roundings)]:
+            parameter.grad = None
+        terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+        terms[name].backward()
+        assert all(r.variable.grad is not None and r.variable.grad.abs().sum() > 0 for r in roundings), name
+        assert sum(s.grad.abs().sum() for s in scales if s.grad is not None) > 0, name
+        stray = [
+            p
+            for p in learnable_parameters(quant_model, fp_model, roundings)
+            if id(p) not in learnable and p.grad is not None
+        ]
+        assert not stray, f"{name} loss reached {len(stray)} parameters outside the unit's learnable set"
+
+
+def learnable_parameters(quant_model, fp_model, roundings):
+    return [*quant_model.parameters(), *fp_model.parameters(), *(r.variable for r in roundings)]
+
+
+def block_errors(quant_model: torch.nn.Module, fp_model: torch.nn.Module, images: torch.Tensor) -> list[float]:
+    outputs: dict[str, list[torch.Tensor]] = {"quant": [], "fp": []}
+    hooks = [
+        block.register_forward_hook(lambda _m, _i, out, key=key: outputs[key].append(out))
+        for key, model in (("quant", quant_model), ("fp", fp_model))
+        for block in model.blocks
+    ]
+    with torch.no_grad():
+        quant_model(images)
+        fp_model(images)
+    for hook in hooks:
+        hook.remove()
+    return [(q - f).pow(2).sum(-1).mean().item() for q, f in zip(outputs["quant"], outputs["fp"], strict=True)]
+
+
+def test_mgrq_lowers_every_block_error(proxy) -> None:
+    fp_model, quant_model, images = copy.deepcopy(proxy)
+    before = block_errors(quant_model, fp_model, images)
+    torch.manual_seed(0)
+    reports = reconstruct(quant_model, fp_model, images, ReconConfig(iters=100), LossConfig(), seed=0)
+    assert [r.name for r in reports][-1] == "head" and all(r.final for r in reports[1:])
+    after = block_errors(quant_model, fp_model, images)
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
