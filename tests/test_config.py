@@ -5,11 +5,11 @@ import itertools
 import pytest
 
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.run import quant_settings
+from mgrq_runner.run import quant_settings, recon_settings
 
 MODELS = ["deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "proxy_vit"]
 QUANTS = ["w3a3", "w4a4", "w6a6", "w8a8"]
-METHODS = ["fp", "minmax", "repq"]
+METHODS = ["fp", "minmax", "repq", "brecq", "qdrop", "mgrq"]
 
 
 @pytest.mark.parametrize(("model", "quant", "method"), list(itertools.product(MODELS, QUANTS, METHODS)))
@@ -20,6 +20,13 @@ def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str)
     assert cfg.model.name == "proxy_vit" or "." in cfg.model.name, "ImageNet presets pin a weight tag"
     if method != "fp":
         quant_settings(cfg)
+    recon, losses = recon_settings(cfg)
+    if method in ("brecq", "qdrop", "mgrq"):
+        assert recon.iters == (500 if model == "proxy_vit" else 20_000)
+        assert recon.quant_prob == (1.0 if method == "brecq" else 0.5)
+        assert (losses.global_weight, losses.local_weight) == ((1.0, 1.0) if method == "mgrq" else (0.0, 0.0))
+    else:
+        assert recon is None
 
 
 def test_any_bits_by_override_and_imagenet_root_from_env(compose_cfg, monkeypatch) -> None:
@@ -42,3 +49,26 @@ def test_bad_init_settings(compose_cfg) -> None:
         quant_settings(compose_cfg("method.init.search=kl"))
     with pytest.raises(ConfigError, match="softmax"):
         quant_settings(compose_cfg("method.init.softmax_quantizer=linear"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.recon.quant_prob=1.5", "quant_prob"),
+        ("method.recon.iters=0", "iters"),
+        ("method.loss.global_distance=cosine", "global_distance"),
+        ("method.loss.local_distance=l1", "local_distance"),
+        ("method.loss.fusion=sum", "fusion"),
+        ("method.loss.local_layers=[qkv,norm1]", "local_layers"),
+        ("method.loss.global_weight=-1", "weights"),
+    ],
+)
+def test_bad_reconstruction_settings(compose_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        recon_settings(compose_cfg("method=mgrq", override))
+
+
+def test_loss_weight_sweep_expands(compose_cfg) -> None:
+    cfg = compose_cfg("method=mgrq", "method.loss.global_weight=10", "method.loss.local_weight=0.1")
+    _, losses = recon_settings(cfg)
+    assert (losses.global_weight, losses.local_weight) == (10.0, 0.1)

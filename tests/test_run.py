@@ -95,3 +95,13 @@ def test_quantized_logit_error_falls_with_bits() -> None:
             agreement = (logits.argmax(1) == fp_logits.argmax(1)).float().mean().item()
             assert errors[8] < 0.05 and agreement > 0.98, (errors[8], agreement)
     assert errors[3] > errors[4] > errors[8]
+
+
+@needs_fashion_mnist
+def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
+    cfg = compose_cfg("method=mgrq", "method.recon.iters=5", "calib.num_images=32", "data.num_eval=200")
+    results = run(cfg)
+    units = [row["unit"] for row in results["reconstruction"]]
+    assert units == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    assert {"block", "global", "local"} <= set(results["reconstruction"][1]) and "reconstruct" in results["times"]
+    assert results["status"] == "done"

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+from mgrq_runner.recon.engine import StepCallback
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -31,6 +42,31 @@ def track(items: Iterable[T], total: int, description: str, enabled: bool = True
         for item in items:
             yield item
             progress.advance(task)
+
+
+@contextmanager
+def recon_progress(enabled: bool = True) -> Iterator[StepCallback | None]:
+    """A progress line per reconstruction unit showing its iteration and loss terms (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[terms]}"),
+    )
+    tasks: dict[str, TaskID] = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+
+        def on_step(unit: str, step: int, terms: dict[str, float], total: int) -> None:
+            if unit not in tasks:
+                tasks[unit] = progress.add_task(f"reconstruct {unit}", total=total, terms="")
+            text = "  ".join(f"{name} {value:.4g}" for name, value in terms.items())
+            progress.update(tasks[unit], completed=step + 1, terms=text)
+
+        yield on_step
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -33,7 +33,8 @@ from mgrq_runner.evaluate import evaluate
 from mgrq_runner.models import create_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.report import print_summary, track
+from mgrq_runner.recon.engine import LossConfig, ReconConfig, reconstruct, reconstruction_summary
+from mgrq_runner.report import print_summary, recon_progress, track
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,16 @@ def quant_settings(cfg: DictConfig) -> tuple[QuantConfig, InitConfig]:
     )
 
 
+def recon_settings(cfg: DictConfig) -> tuple[ReconConfig, LossConfig] | tuple[None, None]:
+    """The reconstruction settings of methods that reconstruct (brecq, qdrop, mgrq), validated."""
+    if cfg.method.get("recon") is None:
+        return None, None
+    loss = OmegaConf.to_container(cfg.method.loss, resolve=True)
+    assert isinstance(loss, dict)
+    loss["local_layers"] = tuple(loss["local_layers"])
+    return ReconConfig(**OmegaConf.to_container(cfg.method.recon, resolve=True)), LossConfig(**loss)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -134,6 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     quantize = bool(cfg.method.quantize)
     quant_config, init_config = quant_settings(cfg) if quantize else (None, None)
+    recon_config, loss_config = recon_settings(cfg)
     num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
     record = RunRecord(
         run_dir / "results.json",
@@ -153,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
     )
     try:
-        results = _pipeline(cfg, record, quant_config, init_config, num_calib)
+        results = _pipeline(cfg, record, quant_config, init_config, recon_config, loss_config, num_calib)
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -166,6 +178,8 @@ def _pipeline(
     record: RunRecord,
     quant_config: QuantConfig | None,
     init_config: InitConfig | None,
+    recon_config: ReconConfig | None,
+    loss_config: LossConfig | None,
     num_calib: int,
 ) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
@@ -198,15 +212,20 @@ def _pipeline(
         with record.stage("quantize"):
             models["quant"] = quantize_(copy.deepcopy(fp_model), quant_config)
         calib_loader = create_loader(bundle.calibration, int(cfg.calib.batch_size), int(cfg.data.workers))
-        images = (batch[0] for batch in calib_loader)
+        with record.stage("load_calibration"):
+            images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
+            images = images.to(device)
+        batches = images.split(int(cfg.calib.batch_size))
         with record.stage("calibrate"):
             calibrate(
-                models["quant"],
-                track(images, len(calib_loader), "calibrate", show),
-                len(calib_loader),
-                init_config,
-                device,
+                models["quant"], track(batches, len(batches), "calibrate", show), len(batches), init_config, device
             )
+        if recon_config is not None and loss_config is not None:
+            with record.stage("reconstruct"), recon_progress(show) as on_step:
+                reports = reconstruct(
+                    models["quant"], models["fp"], images, recon_config, loss_config, int(cfg.seed), on_step
+                )
+            record.update(reconstruction=reconstruction_summary(reports))
 
     eval_loader = create_loader(bundle.evaluation, int(cfg.data.batch_size), int(cfg.data.workers))
     with record.stage("evaluate"):

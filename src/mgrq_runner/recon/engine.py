@@ -18,15 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from mgrq_runner.errors import NumericalError
+from mgrq_runner.errors import ConfigError, NumericalError
 from mgrq_runner.quant.api import activation_quantizers, quant_layers
 from mgrq_runner.quant.modules import QuantMatMul
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound, rounding_beta
-from mgrq_runner.recon.losses import LossFusion, block_loss, global_loss, local_loss
+from mgrq_runner.recon.losses import (
+    GLOBAL_DISTANCES,
+    LOCAL_DISTANCES,
+    LossFusion,
+    block_loss,
+    global_loss,
+    local_loss,
+)
 from mgrq_runner.recon.units import Unit, model_units, run_units
 
 log = logging.getLogger(__name__)
+
+StepCallback = Callable[[str, int, dict[str, float], int], None]  # (unit name, step, loss terms, total steps)
+LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,14 @@ class ReconConfig:
     beta_end: float = 2.0
     learn_log_delta: bool = False
 
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch_size < 1:
+            raise ConfigError(f"method.recon.iters={self.iters} and batch_size={self.batch_size} must be >= 1.")
+        if not 0.0 <= self.quant_prob <= 1.0:
+            raise ConfigError(f"method.recon.quant_prob={self.quant_prob} must lie in [0, 1] (1 = no QDrop).")
+        if not 0.0 <= self.round_warmup < 1.0:
+            raise ConfigError(f"method.recon.round_warmup={self.round_warmup} must lie in [0, 1).")
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -58,6 +76,20 @@ class LossConfig:
     global_every: int = 1
     local_distance: str = "nmse"
     local_layers: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+    def __post_init__(self) -> None:
+        LossFusion(self.global_weight, self.local_weight, self.round_weight, self.fusion, self.warmup)
+        if self.global_distance not in GLOBAL_DISTANCES:
+            raise ConfigError(f"method.loss.global_distance={self.global_distance!r}. Fix: one of {GLOBAL_DISTANCES}.")
+        if self.local_distance not in LOCAL_DISTANCES:
+            raise ConfigError(f"method.loss.local_distance={self.local_distance!r}. Fix: one of {LOCAL_DISTANCES}.")
+        if self.global_every < 1 or self.temperature <= 0:
+            raise ConfigError("method.loss.global_every must be >= 1 and method.loss.temperature > 0.")
+        unknown = sorted(set(self.local_layers) - set(LOCAL_POINTS))
+        if unknown:
+            raise ConfigError(f"method.loss.local_layers has unknown {unknown}. Fix: pick from {LOCAL_POINTS}.")
+        if min(self.global_weight, self.local_weight, self.round_weight) < 0:
+            raise ConfigError("method.loss weights must be >= 0.")
 
 
 @dataclass
@@ -119,7 +151,7 @@ def reconstruct(
     recon: ReconConfig,
     losses: LossConfig,
     seed: int,
-    on_step: Callable[[str, int, dict[str, float]], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> list[UnitReport]:
     """Reconstructs ``quant_model`` (calibrated) unit by unit on calibration ``images`` (on the model's device).
 
@@ -130,7 +162,7 @@ def reconstruct(
         recon: optimisation settings.
         losses: loss settings; zero weights switch terms off.
         seed: seed of the mini-batch sampling.
-        on_step: called as ``on_step(unit_name, step, loss_terms)`` for progress display.
+        on_step: called as ``on_step(unit_name, step, loss_terms, total_steps)`` for progress display.
 
     Returns:
         One report per unit: final loss terms and wall time.
@@ -265,7 +297,7 @@ def _optimize_unit(
     recon: ReconConfig,
     losses: LossConfig,
     generator: torch.Generator,
-    on_step: Callable[[str, int, dict[str, float]], None] | None,
+    on_step: StepCallback | None,
 ) -> dict[str, float]:
     """Optimises one unit's AdaRound variables and step sizes on the fused loss, then hardens it."""
     roundings, scales = prepare_unit(unit.module, recon)
@@ -302,7 +334,7 @@ def _optimize_unit(
             scale_optimizer.step()
             scale_schedule.step()
         if on_step is not None and (step % 10 == 0 or step == recon.iters - 1):
-            on_step(unit.name, step, {k: v.item() for k, v in terms.items()})
+            on_step(unit.name, step, {k: v.item() for k, v in terms.items()}, recon.iters)
 
     harden_unit(unit.module, roundings, scales)
     return {k: v.item() for k, v in terms.items()}
