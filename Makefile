@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help setup run test test-all lint bench train-proxy clean
+.PHONY: help setup run test test-all lint bench bench-recon train-proxy proxy-table clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,3 +34,9 @@ train-proxy: setup ## retrain the shipped proxy ViT on Fashion-MNIST (CPU, about
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns
+
+bench-recon: setup ## per-iteration reconstruction cost relative to an FP block step (deit_s, CPU)
+	$(PY) scripts/bench_recon.py
+
+proxy-table: setup ## every method on the proxy at W4A4, W3A3, W2A4, 3 seeds (CPU, hours at the full budget)
+	$(PY) scripts/proxy_table.py $(ARGS)

@@ -1,0 +1,142 @@
+"""Per-iteration cost of reconstruction relative to a plain FP block forward+backward, measured in one run.
+
+    python scripts/bench_recon.py                                   # deit_s, random weights, batch 32, CPU
+    python scripts/bench_recon.py --device cuda --iters 50
+
+Times, on one middle block and the same batch: an FP block forward+backward; a qdrop iteration (AdaRound,
+learned step sizes, QDrop, block loss, rounding regulariser, optimiser steps); an mgrq iteration with the global
+term every iteration and the local term; and the FP remainder's own forward+backward. Targets (issue 3): qdrop
+<= 2x the FP block step; mgrq <= 2x qdrop + the remainder's forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+
+from mgrq_runner.quant.api import QuantConfig, quantize_
+from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.recon.adaround import rounding_beta
+from mgrq_runner.recon.engine import (
+    LossConfig,
+    ReconConfig,
+    UnitTargets,
+    capture_points,
+    fp_outputs,
+    loss_terms,
+    prepare_unit,
+    qdrop_input,
+)
+from mgrq_runner.recon.losses import LossFusion
+from mgrq_runner.recon.units import model_units, run_units
+
+
+def median_ms(step: Callable[[], None], iters: int, device: torch.device) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    fp_model = timm.create_model(args.model, pretrained=False).eval().to(device)
+    quant_model = quantize_(copy.deepcopy(fp_model), QuantConfig(w_bits=4, a_bits=4))
+    size = fp_model.pretrained_cfg["input_size"]
+    images = torch.randn(args.batch_size, *size, device=device)
+    calibrate(quant_model, [images], 1, InitConfig(), device)
+    for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
+        parameter.requires_grad_(False)
+    fp_units, quant_units = model_units(fp_model), model_units(quant_model)
+    index = len(fp_units) // 2
+    unit, fp_unit = quant_units[index], fp_units[index]
+    with torch.no_grad():
+        x_fp = run_units(fp_units[:index], images)
+        logits = fp_model(images)
+    idx = torch.arange(args.batch_size, device=device)
+
+    fp_block = copy.deepcopy(fp_unit.module).requires_grad_(True)
+    fp_optimizer = torch.optim.Adam(fp_block.parameters(), lr=1e-6)
+    target = x_fp.detach() + 0.01
+
+    def fp_step() -> None:
+        loss = (fp_block(x_fp) - target).pow(2).sum(-1).mean()
+        fp_optimizer.zero_grad()
+        loss.backward()
+        fp_optimizer.step()
+
+    def remainder_step() -> None:
+        x = x_fp.detach().requires_grad_(True)
+        out = fp_model.forward_head(fp_model.norm(run_units(fp_units[index + 1 : -1], x)))
+        loss = torch.nn.functional.kl_div(
+            out.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="batchmean"
+        )
+        loss.backward()
+
+    def recon_step(losses: LossConfig) -> Callable[[], None]:
+        module = copy.deepcopy(unit.module)
+        local_unit = type(unit)(unit.name, module)
+        points = capture_points(module, losses.local_layers) if losses.local_weight > 0 else []
+        output, layers = fp_outputs(local_unit, x_fp, points, args.batch_size)
+        targets = UnitTargets(output, layers, logits if losses.global_weight > 0 else None)
+        recon = ReconConfig(iters=1000)
+        roundings, scales = prepare_unit(module, recon)
+        weight_optimizer = torch.optim.Adam([r.variable for r in roundings], lr=recon.weight_lr)
+        scale_optimizer = torch.optim.Adam(scales, lr=recon.scale_lr)
+        fusion = LossFusion(losses.global_weight, losses.local_weight)
+        generator = torch.Generator().manual_seed(0)
+        beta = rounding_beta(500, 1000)
+
+        def step() -> None:
+            inputs = qdrop_input(x_fp, x_fp, recon.quant_prob, generator)
+            terms = loss_terms(local_unit, index, fp_units, inputs, idx, targets, points, losses, True)
+            terms["rounding"] = torch.stack([r.regularizer(beta) for r in roundings]).sum()
+            weight_optimizer.zero_grad()
+            scale_optimizer.zero_grad()
+            fusion(terms, 0.5).backward()
+            weight_optimizer.step()
+            scale_optimizer.step()
+
+        return step
+
+    fp_ms = median_ms(fp_step, args.iters, device)
+    qdrop_ms = median_ms(recon_step(LossConfig(global_weight=0, local_weight=0)), args.iters, device)
+    mgrq_ms = median_ms(recon_step(LossConfig(global_every=1)), args.iters, device)
+    remainder_ms = median_ms(remainder_step, args.iters, device)
+    print(
+        f"model {args.model} (random weights), unit {unit.name}, batch {args.batch_size}, device {device}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(f"FP block forward+backward      : {fp_ms:8.1f} ms")
+    print(f"qdrop iteration                : {qdrop_ms:8.1f} ms  ({qdrop_ms / fp_ms:.2f}x FP block; target <= 2)")
+    print(f"FP remainder forward+backward  : {remainder_ms:8.1f} ms")
+    budget = 2 * qdrop_ms + remainder_ms
+    print(
+        f"mgrq iteration (global_every=1): {mgrq_ms:8.1f} ms  (target <= 2x qdrop + remainder = {budget:.1f} ms; "
+        f"{mgrq_ms / budget:.2f} of it)"
+    )
+
+
+if __name__ == "__main__":
+    main()
