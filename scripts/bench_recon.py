@@ -105,7 +105,7 @@ def main() -> None:
         weight_optimizer = torch.optim.Adam([r.variable for r in roundings], lr=recon.weight_lr)
         scale_optimizer = torch.optim.Adam(scales, lr=recon.scale_lr)
         fusion = LossFusion(losses.global_weight, losses.local_weight)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
         beta = rounding_beta(500, 1000)
 
         def step() -> None:

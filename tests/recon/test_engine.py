@@ -62,12 +62,13 @@ def test_global_and_local_terms(proxy) -> None:
     set_unit_quantization(unit.module, False)
     with torch.no_grad():
         fp_terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
-    assert fp_terms["global"].item() < 1e-8 and fp_terms["local"].item() < 1e-10
+    # Zero up to float rounding (the FP model runs timm's fused attention, the unit the explicit path).
+    assert fp_terms["global"].item() < 1e-6 and fp_terms["local"].item() < 1e-10
 
     set_unit_quantization(unit.module, True)
     roundings, scales = prepare_unit(unit.module, ReconConfig(quant_prob=1.0))
     terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
-    assert terms["global"].item() > 0 and terms["local"].item() > 0
+    assert terms["global"].item() > 100 * fp_terms["global"].item() and terms["local"].item() > 1e-6
     learnable = {id(p) for p in [*scales, *(r.variable for r in roundings)]}
     for name in ("global", "local"):
         for parameter in [*learnable_parameters(quant_model, fp_model, roundings)]:

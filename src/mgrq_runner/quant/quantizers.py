@@ -46,7 +46,8 @@ class Observer:
         self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
         budget = self.samples_per_batch // rows.shape[1] if self.per_channel else self.samples_per_batch
         take = min(count, max(1, budget))
-        pick = torch.randperm(count, generator=self.generator)[:take].to(x.device)
+        # Drawn with replacement: O(take) where a permutation of every element would cost O(count) per batch.
+        pick = torch.randint(0, count, (take,), generator=self.generator).to(x.device)
         self.samples.append(rows[pick].cpu() if self.per_channel else rows[0, pick].cpu())
 
     def rows(self) -> torch.Tensor:

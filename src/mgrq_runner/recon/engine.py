@@ -170,7 +170,7 @@ def reconstruct(
     quant_units, fp_units = model_units(quant_model), model_units(fp_model)
     for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
         parameter.requires_grad_(False)  # only AdaRound variables and step sizes learn, one unit at a time
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=images.device).manual_seed(seed)  # draws on the device: no copies
     batch = recon.batch_size
     fp_logits = None
     if losses.global_weight > 0:
@@ -230,7 +230,7 @@ def qdrop_input(x_q: torch.Tensor, x_fp: torch.Tensor, quant_prob: float, genera
     """Each element is taken from ``x_q`` with probability ``quant_prob``, else from ``x_fp``."""
     if quant_prob >= 1.0:
         return x_q
-    use_quant = torch.rand(x_q.shape, generator=generator).to(x_q.device) < quant_prob
+    use_quant = torch.rand(x_q.shape, generator=generator, device=generator.device) < quant_prob
     return torch.where(use_quant, x_q, x_fp)
 
 
@@ -311,7 +311,7 @@ def _optimize_unit(
 
     terms: dict[str, torch.Tensor] = {}
     for step in range(recon.iters):
-        idx = torch.randint(0, x_q.shape[0], (recon.batch_size,), generator=generator).to(x_q.device)
+        idx = torch.randint(0, x_q.shape[0], (recon.batch_size,), generator=generator, device=generator.device)
         inputs = qdrop_input(x_q[idx], x_fp[idx], recon.quant_prob, generator)
         with_global = not is_head and step % losses.global_every == 0
         terms = loss_terms(unit, index, fp_units, inputs, idx, targets, points, losses, with_global)
