@@ -20,7 +20,13 @@ from hydra import compose, initialize_config_dir
 from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.run import run
 
-SETTINGS = {"w4a4": ["quant=w4a4"], "w3a3": ["quant=w3a3"], "w2a4": ["quant.w_bits=2", "quant.a_bits=4"]}
+SETTINGS = {
+    "w8a8": ["quant=w8a8"],
+    "w6a6": ["quant=w6a6"],
+    "w4a4": ["quant=w4a4"],
+    "w3a3": ["quant=w3a3"],
+    "w2a4": ["quant.w_bits=2", "quant.a_bits=4"],
+}
 ROWS = {
     "fp": ["method=fp"],
     "minmax": ["method=minmax"],
@@ -53,7 +59,7 @@ def cell(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["w4a4", "w3a3", "w2a4"], choices=list(SETTINGS))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit")
     parser.add_argument("--out", type=Path, default=Path("outputs/proxy_table"))

@@ -2,8 +2,7 @@
 
 A quantizer starts disabled (it passes its input through). Calibration attaches an ``Observer``, runs data
 through the FP model, and sets the quantizer's parameters from what was observed; ``enabled`` then switches
-quantization on. Observers are kept apart from quantizers so that the quantizers hold nothing but their
-parameters.
+quantization on. Observers are kept apart from quantizers: a quantizer holds one only while it is calibrated.
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         rows = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(1, -1)
-        batch_min, batch_max = rows.amin(dim=0), rows.amax(dim=0)
         if self.per_channel:
-            count = rows.shape[0]
+            batch_min, batch_max, count = rows.amin(dim=0), rows.amax(dim=0), rows.shape[0]
         else:
-            batch_min, batch_max, count = batch_min.min(), batch_max.max(), rows.shape[1]
+            batch_min, batch_max, count = x.amin(), x.amax(), rows.shape[1]
         self.min = batch_min if self.min is None else torch.minimum(self.min, batch_min)
         self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
         budget = self.samples_per_batch // rows.shape[1] if self.per_channel else self.samples_per_batch
@@ -132,6 +130,3 @@ class LogSqrt2Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
-
-
-Quantizer = UniformQuantizer | LogSqrt2Quantizer
