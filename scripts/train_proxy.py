@@ -109,7 +109,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(args.out))
     card = {
-        "command": "python scripts/train_proxy.py " + shlex.join(sys.argv[1:]),
+        "command": " ".join(["python scripts/train_proxy.py", *map(shlex.quote, sys.argv[1:])]),
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

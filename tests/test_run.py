@@ -48,7 +48,7 @@ def test_proxy_repq_run_writes_results(compose_cfg) -> None:
     assert all(key in results for key in REQUIRED)
     assert results["status"] == "done" and results["model"] == "proxy_vit" and results["method"] == "repq"
     assert results["num_calib"] == 64 and results["num_eval"] == 500
-    assert set(results["times"]) == {"build_model", "data", "quantize", "calibrate", "evaluate"}
+    assert set(results["times"]) == {"build_model", "data", "quantize", "load_calibration", "calibrate", "evaluate"}
     assert results["versions"]["torch"] == torch.__version__
     assert 0.0 <= results["fp_agreement"] <= 1.0 and results["top1"] <= 100.0
     assert results["fp_top1"] > 85.0, "the shipped proxy is a trained model"
