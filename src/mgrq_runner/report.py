@@ -76,7 +76,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def summary_table(results: dict[str, Any]) -> Table:
     """One-row table of a finished run."""
     table = Table(title=f"mgrq-run: {results['model']} / {results['method']}")
-    for column in ("W/A", "top-1", "top-5", "FP top-1", "FP top-5", "agreement", "calib", "eval", "seconds"):
+    for column in ("W/A", "top-1", "top-5", "FP top-1", "FP top-5", "agree", "calib", "eval", "seconds"):
         table.add_column(column, justify="right")
     bits = "32/32" if results["method"] == "fp" else f"{results['w_bits']}/{results['a_bits']}"
     table.add_row(
