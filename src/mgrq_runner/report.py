@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -24,20 +25,18 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
+def _progress(*extra: ProgressColumn) -> Progress:
+    """A progress display: description, bar, count and elapsed time, then ``extra`` columns."""
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, *extra, console=console, transient=False)
+
+
 def track(items: Iterable[T], total: int, description: str, enabled: bool = True) -> Iterator[T]:
     """Yields ``items`` while a rich progress bar counts them (a plain pass-through when disabled)."""
     if not enabled:
         yield from items
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(TextColumn("eta"), TimeRemainingColumn()) as progress:
         task = progress.add_task(description, total=total)
         for item in items:
             yield item
@@ -50,20 +49,13 @@ def recon_progress(enabled: bool = True) -> Iterator[StepCallback | None]:
     if not enabled:
         yield None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[terms]}"),
-    )
     tasks: dict[str, TaskID] = {}
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(TextColumn("{task.fields[terms]}")) as progress:
 
         def on_step(unit: str, step: int, terms: dict[str, float], total: int) -> None:
             if unit not in tasks:
                 tasks[unit] = progress.add_task(f"reconstruct {unit}", total=total, terms="")
-            text = "  ".join(f"{name} {value:.4g}" for name, value in terms.items())
+            text = " ".join(f"{name} {value:.3g}" for name, value in terms.items())
             progress.update(tasks[unit], completed=step + 1, terms=text)
 
         yield on_step
