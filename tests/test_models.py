@@ -45,6 +45,8 @@ def test_local_checkpoint(tmp_path: Path, suffix: str) -> None:
         torch.save({"model": source.state_dict()}, path)
     model = create_model(model_cfg("deit_tiny_patch16_224.fb_in1k", pretrained=True, checkpoint=str(path)))
     assert torch.equal(model.pos_embed, source.pos_embed)
+    unflagged = create_model(model_cfg("deit_tiny_patch16_224.fb_in1k", pretrained=False, checkpoint=str(path)))
+    assert torch.equal(unflagged.pos_embed, source.pos_embed), "a checkpoint loads whatever model.pretrained says"
     with pytest.raises(ModelError, match="does not fit"):
         create_model(model_cfg("deit_small_patch16_224.fb_in1k", pretrained=True, checkpoint=str(path)))
 

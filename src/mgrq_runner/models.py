@@ -136,7 +136,7 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
             f"then copy ~/.cache/huggingface), or pass model.checkpoint=/path/to/weights.safetensors, or "
             f"model.pretrained=false for random weights."
         ) from err
-    if checkpoint and model_cfg.pretrained:
+    if checkpoint:  # a local file wins over model.pretrained
         state = load_state_dict(checkpoint)
         try:
             model.load_state_dict(state)
