@@ -187,27 +187,24 @@ def resolve_imagenet_root(root: str | None) -> Path:
     return path
 
 
-def create_transform(model: torch.nn.Module, data_cfg: DictConfig, training: bool = False) -> Any:
-    """timm's preprocessing for ``model``; config values that are not ``None`` override the model's own."""
-    from timm.data import create_transform as timm_create_transform
+def resolved_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict[str, Any]:
+    """timm's preprocessing config for ``model`` (input size, crop_pct, interpolation, mean, std); config values
+    that are not ``None`` override the model's own."""
     from timm.data import resolve_data_config
 
-    overrides: dict[str, Any] = {}
-    for key in ("interpolation", "crop_pct", "mean", "std"):
-        if data_cfg.get(key) is not None:
-            overrides[key] = data_cfg[key]
+    overrides: dict[str, Any] = {
+        k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if data_cfg.get(k) is not None
+    }
     if data_cfg.get("img_size") is not None:
         overrides["input_size"] = (3, int(data_cfg.img_size), int(data_cfg.img_size))
-    config = resolve_data_config(overrides, model=model)
-    return timm_create_transform(**config, is_training=training)
-
-
-def resolved_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict[str, Any]:
-    """The preprocessing actually used (for results.json): input size, crop_pct, interpolation, mean, std."""
-    from timm.data import resolve_data_config
-
-    overrides = {k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if data_cfg.get(k) is not None}
     return dict(resolve_data_config(overrides, model=model))
+
+
+def create_transform(model: torch.nn.Module, data_cfg: DictConfig, training: bool = False) -> Any:
+    """timm's transform for the preprocessing ``resolved_data_config`` gives."""
+    from timm.data import create_transform as timm_create_transform
+
+    return timm_create_transform(**resolved_data_config(model, data_cfg), is_training=training)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

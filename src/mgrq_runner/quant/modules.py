@@ -44,6 +44,10 @@ class _QuantWeightLayer(nn.Module):
     def unfreeze(self) -> None:
         self._frozen_weight = None
 
+    @property
+    def frozen(self) -> bool:
+        return self._frozen_weight is not None
+
 
 class QuantLinear(_QuantWeightLayer):
     """``nn.Linear`` with an A-bit per-tensor input quantizer and a W-bit per-output-channel weight quantizer."""

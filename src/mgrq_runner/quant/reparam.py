@@ -51,7 +51,7 @@ def reparameterize_(
     Returns:
         The per-tensor ``(scale, zero_point)`` to give the Linear's input quantizer.
     """
-    if linear.weight_quantizer.enabled or linear._frozen_weight is not None:
+    if linear.weight_quantizer.enabled or linear.frozen:
         raise RuntimeError("reparameterise before the weight quantizer is initialised")
     scale = channel_scale.to(norm.weight)
     zero_point = channel_zero_point.to(norm.weight)
