@@ -20,6 +20,7 @@ from collections.abc import Callable
 import timm
 import torch
 
+from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.adaround import rounding_beta
@@ -57,8 +58,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc-defaults", action="store_true", help="skip keep_freed_memory() (as mgrq-run does it)")
     args = parser.parse_args()
 
+    allocator = "glibc defaults" if args.malloc_defaults or not keep_freed_memory() else "keeps freed memory"
     torch.manual_seed(0)
     device = torch.device(args.device)
     fp_model = timm.create_model(args.model, pretrained=False).eval().to(device)
@@ -126,7 +129,7 @@ def main() -> None:
     remainder_ms = median_ms(remainder_step, args.iters, device)
     print(
         f"model {args.model} (random weights), unit {unit.name}, batch {args.batch_size}, device {device}, "
-        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, allocator {allocator}"
     )
     print(f"FP block forward+backward      : {fp_ms:8.1f} ms")
     print(f"qdrop iteration                : {qdrop_ms:8.1f} ms  ({qdrop_ms / fp_ms:.2f}x FP block; target <= 2)")

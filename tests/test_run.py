@@ -41,7 +41,7 @@ REQUIRED = [
 
 @needs_fashion_mnist
 def test_proxy_repq_run_writes_results(compose_cfg) -> None:
-    cfg = compose_cfg("calib.num_images=64", "data.num_eval=500")
+    cfg = compose_cfg("method=repq", "calib.num_images=64", "data.num_eval=500")
     results = run(cfg)
     on_disk = json.loads(open(f"{cfg.output_dir}/results.json").read())
     assert on_disk == json.loads(json.dumps(results, default=str))

@@ -27,6 +27,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import __version__
+from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.data import build_data, create_loader, resolved_data_config
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.evaluate import evaluate
@@ -141,6 +142,7 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one job and returns its results (also written to ``<output_dir>/results.json``)."""
+    keep_freed_memory()  # reconstruction's big temporaries are reused instead of faulted in afresh
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     quantize = bool(cfg.method.quantize)

@@ -1,5 +1,6 @@
 """Quantization primitives on exact integers, error monotonicity, and the vectorised range search."""
 
+import pytest
 import torch
 
 from mgrq_runner.quant import primitives as P
@@ -115,3 +116,45 @@ def test_log_sqrt2_gradients() -> None:
     assert probs.grad.tolist() == [1.0, 1.0, 1.0, 1.0], "straight-through for the input"
     codes = P.log_sqrt2_quantize(probs.detach(), delta.detach(), 3)
     assert torch.isclose(delta.grad, P.log_sqrt2_dequantize(codes, torch.tensor(1.0), 3).sum())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("drop", [False, True])
+def test_train_fake_quantize_values_and_gradients(per_channel: bool, drop: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, 8) * 3  # wide enough that some elements clip at 3 bits
+    lo, hi = (x.amin((1, 2)) / 2, x.amax((1, 2)) / 2) if per_channel else (torch.tensor(-2.0), torch.tensor(1.5))
+    scale, zero_point = P.choose_qparams(lo, hi, bits=3)
+    if per_channel:
+        scale, zero_point = scale[:, None, None], zero_point[:, None, None]
+    quantized = P.random_mask(x, 0.5, torch.Generator().manual_seed(1)) if drop else torch.ones_like(x)
+    upstream = torch.randn_like(x)
+    x_, scale_ = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    out = P.train_fake_quantize(x_, scale_, zero_point, 3, quantized if drop else None)
+    (out * upstream).sum().backward()
+
+    fake = P.fake_quantize(x, scale, zero_point, 3)
+    assert torch.equal(out.detach(), torch.where(quantized.bool(), fake, x))
+    # By hand: the code round(x/s) is inside [-z, qmax - z] or clipped to its end.
+    rounded = (x / scale).round()
+    clipped = torch.clamp(rounded, -zero_point, 7 - zero_point)
+    inside = rounded == clipped
+    assert (~inside & quantized.bool()).any() and inside.any()  # both branches are exercised
+    expected_x = torch.where(inside | ~quantized.bool(), upstream, torch.zeros_like(upstream))
+    assert torch.equal(x_.grad, expected_x)
+    lsq = torch.where(inside, rounded - x / scale, clipped) * quantized  # LSQ; dropped elements give nothing
+    expected_scale = (upstream * lsq).sum_to_size(scale.shape)
+    assert scale_.grad.shape == scale.shape
+    assert torch.allclose(scale_.grad, expected_scale, rtol=1e-5, atol=1e-4)
+
+
+def test_random_mask_probability_and_determinism() -> None:
+    like = torch.empty(200, 500)
+    for prob in (0.0, 0.25, 0.5, 1.0):
+        mask = P.random_mask(like, prob, torch.Generator().manual_seed(0))
+        assert mask.dtype == like.dtype and mask.shape == like.shape
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert abs(mask.mean().item() - prob) < 0.01
+    first = P.random_mask(like, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(first, P.random_mask(like, 0.5, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, P.random_mask(like, 0.5, torch.Generator().manual_seed(4)))

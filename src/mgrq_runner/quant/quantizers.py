@@ -56,11 +56,16 @@ class Observer:
         return data.t().contiguous() if self.per_channel else data[None]
 
 
+def qdrop_mask(x: torch.Tensor, drop_prob: float) -> torch.Tensor | None:
+    """QDrop: 1.0 where an element is quantized, 0.0 where it keeps its FP value (chance ``drop_prob``, in steps
+    of 1/256); None when nothing drops."""
+    return P.random_mask(x, 1.0 - drop_prob) if drop_prob > 0.0 else None
+
+
 def _qdrop(x: torch.Tensor, quantized: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """QDrop: each element keeps its FP value with probability ``drop_prob`` (0: plain quantization)."""
-    if drop_prob <= 0.0:
-        return quantized
-    return torch.where(torch.rand_like(x) < drop_prob, x, quantized)
+    """``quantized``, with the elements QDrop keeps in FP taken from ``x``."""
+    mask = qdrop_mask(x, drop_prob)
+    return quantized if mask is None else torch.lerp(x, quantized, mask)
 
 
 class UniformQuantizer(nn.Module):
@@ -100,7 +105,7 @@ class UniformQuantizer(nn.Module):
             return x
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return _qdrop(x, P.fake_quantize(x, scale, zero_point, self.bits), self.drop_prob)
+            return P.train_fake_quantize(x, scale, zero_point, self.bits, qdrop_mask(x, self.drop_prob))
         return _qdrop(x, P.fake_quantize_inference(x, scale, zero_point, self.bits), self.drop_prob)
 
     def extra_repr(self) -> str:

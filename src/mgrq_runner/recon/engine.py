@@ -21,6 +21,7 @@ from torch import nn
 from mgrq_runner.errors import ConfigError, NumericalError
 from mgrq_runner.quant.api import activation_quantizers, quant_layers
 from mgrq_runner.quant.modules import QuantMatMul
+from mgrq_runner.quant.primitives import random_mask
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound, rounding_beta
 from mgrq_runner.recon.losses import (
@@ -230,8 +231,7 @@ def qdrop_input(x_q: torch.Tensor, x_fp: torch.Tensor, quant_prob: float, genera
     """Each element is taken from ``x_q`` with probability ``quant_prob``, else from ``x_fp``."""
     if quant_prob >= 1.0:
         return x_q
-    use_quant = torch.rand(x_q.shape, generator=generator, device=generator.device) < quant_prob
-    return torch.where(use_quant, x_q, x_fp)
+    return torch.lerp(x_fp, x_q, random_mask(x_q, quant_prob, generator))
 
 
 def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[AdaRound], list[nn.Parameter]]:
