@@ -2,11 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+IMAGENET ?= $(IMAGENET_ROOT)
+EXP := outputs/experiments
 
-.PHONY: help setup run test test-all lint bench bench-recon train-proxy proxy-table clean
+.PHONY: help setup run test test-all lint bench bench-recon train-proxy clean \
+	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## install Fashion-MNIST (apt) and a virtual environment with the package
 
@@ -33,10 +36,42 @@ train-proxy: setup ## retrain the shipped proxy ViT on Fashion-MNIST (CPU, about
 	$(PY) scripts/train_proxy.py
 
 clean: ## remove the virtual environment and run outputs
-	rm -rf $(VENV) outputs/runs outputs/multiruns
+	rm -rf $(VENV) outputs/runs outputs/multiruns outputs/experiments
 
 bench-recon: setup ## per-iteration reconstruction cost relative to an FP block step (deit_s, CPU)
 	$(PY) scripts/bench_recon.py
 
-proxy-table: setup ## every method on the proxy at W4A4, W3A3, W2A4, 3 seeds (CPU, hours at the full budget)
-	$(PY) scripts/proxy_table.py $(ARGS)
+# An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
+define experiment
+	$(VENV)/bin/mgrq-run +experiment=$(1) hydra.sweep.dir=$(EXP)/$(1) $(2) $(ARGS)
+	$(PY) scripts/collect.py $(EXP)/$(1) --plots
+endef
+
+imagenet-given:
+	@test -n "$(IMAGENET)" || { echo "ImageNet root not set. Fix: make $(MAKECMDGOALS) IMAGENET=/path/to/imagenet"; exit 2; }
+
+table-w4a4: setup imagenet-given ## the W4A4 table, 8 ImageNet models x FP/repq/qdrop/mgrq (IMAGENET=/path)
+	$(call experiment,table_w4a4,data.root=$(IMAGENET))
+
+table-w3a3: setup imagenet-given ## the W3A3 table (IMAGENET=/path)
+	$(call experiment,table_w3a3,data.root=$(IMAGENET))
+
+table-w6a6: setup imagenet-given ## the W6A6 table (IMAGENET=/path)
+	$(call experiment,table_w6a6,data.root=$(IMAGENET))
+
+ablation: setup imagenet-given ## mgrq's components on deit_s and vit_s at W3A3/W4A4 (IMAGENET=/path)
+	$(call experiment,ablation,data.root=$(IMAGENET))
+
+loss-grid: setup imagenet-given ## mgrq over global x local loss weights, deit_s W4A4 (IMAGENET=/path)
+	$(call experiment,loss_grid,data.root=$(IMAGENET))
+
+optuna-loss: setup ## Optuna search of the loss weights on held-out train images (proxy W3A3; ARGS= to change)
+	$(VENV)/bin/mgrq-run +experiment=optuna_loss hydra.sweep.dir=$(EXP)/optuna_loss $(ARGS)
+
+proxy-loss-grid: setup ## the loss-weight grid on the proxy at W3A3 (CPU, about 15 minutes)
+	$(call experiment,proxy_loss_grid,)
+
+proxy-table: setup ## every method on the proxy (W4A4/W3A3/W2A4 x 3 seeds) and its loss grid, into docs/proxy
+	$(call experiment,proxy_table,)
+	$(call experiment,proxy_loss_grid,)
+	$(PY) scripts/collect.py $(EXP)/proxy_table $(EXP)/proxy_loss_grid --out docs/proxy --plots

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mgrq_runner.data import ImageNetFolder, build_data, imagenet_wnids, load_fashion_mnist, seeded_subset
-from mgrq_runner.errors import DataError
+from mgrq_runner.errors import ConfigError, DataError
 from mgrq_runner.models import create_proxy_model
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
@@ -83,6 +83,32 @@ def test_imagenet_bundle_uses_model_preprocessing(imagenet_tree: Path) -> None:
         build_data(cfg, model, num_calib=7, seed=0)
     with pytest.raises(DataError, match="no ImageNet root given"):
         build_data(OmegaConf.merge(cfg, {"root": None}), model, num_calib=4, seed=0)
+    heldout = build_data(OmegaConf.merge(cfg, {"eval_split": "heldout", "heldout_size": 2}), model, 3, seed=0)
+    heldout_paths = {heldout.evaluation.dataset.samples[i][0] for i in heldout.evaluation.indices}
+    assert len(heldout_paths) == 2 and all("/train/" in path for path in heldout_paths)
+    assert not heldout_paths & set(heldout.calibration_ids)
+    with pytest.raises(DataError, match="heldout_size=4 but the train split has 3 images besides"):
+        build_data(OmegaConf.merge(cfg, {"eval_split": "heldout", "heldout_size": 4}), model, 3, seed=0)
+    with pytest.raises(ConfigError, match="data.eval_split='test'"):
+        build_data(OmegaConf.merge(cfg, {"eval_split": "test"}), model, 3, seed=0)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_heldout_slice_is_train_outside_calibration() -> None:
+    cfg = OmegaConf.create(
+        {"name": "fashion_mnist", "root": str(FASHION_MNIST_ROOT), "eval_split": "heldout", "heldout_size": 500}
+    )
+    model = create_proxy_model()
+    train_images = load_fashion_mnist(FASHION_MNIST_ROOT, "train").tensors[0]
+    bundles = [build_data(cfg, model, num_calib=64, seed=seed) for seed in (0, 0, 1)]
+    for bundle in bundles:
+        indices = bundle.evaluation.indices
+        calibration = {int(name[6:-1]) for name in bundle.calibration_ids}  # "train[i]"
+        assert len(indices) == 500 and not set(indices) & calibration
+        assert torch.equal(bundle.evaluation[0][0], train_images[indices[0]])
+    assert bundles[0].evaluation.indices == bundles[1].evaluation.indices  # one fixed slice per calibration set
+    # Another seed's calibration set moves only the few held-out images it takes.
+    assert len(set(bundles[0].evaluation.indices) & set(bundles[2].evaluation.indices)) > 480
 
 
 @needs_fashion_mnist

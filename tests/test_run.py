@@ -105,3 +105,7 @@ def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
     assert units == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
     assert {"block", "global", "local"} <= set(results["reconstruction"][1]) and "reconstruct" in results["times"]
     assert results["status"] == "done"
+    curves = json.loads(open(f"{cfg.output_dir}/recon_curves.json").read())
+    assert list(curves) == units
+    assert curves["blocks.0"]["step"] == [0, 4]  # every 10th step and the last
+    assert len(curves["blocks.0"]["global"]) == 2 and "global" not in curves["head"]  # the head has no remainder

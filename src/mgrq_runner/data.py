@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from mgrq_runner.errors import DataError
+from mgrq_runner.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +224,37 @@ def seeded_subset(dataset: Dataset, num: int, seed: int, what: str) -> tuple[Sub
     return Subset(dataset, indices), indices
 
 
+HELDOUT_SEED = 20240613  # one fixed slice of train for every run, so that tuning trials compare like with like
+
+
+def heldout_subset(train: Dataset, size: int, calibration: list[int]) -> Subset:
+    """``size`` train images outside the calibration set: a slice for tuning that is never the evaluation split."""
+    calibration_set = set(calibration)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HELDOUT_SEED)).tolist()  # type: ignore[arg-type]
+    candidates = [i for i in order if i not in calibration_set]
+    if not 0 < size <= len(candidates):
+        raise DataError(
+            f"data.heldout_size={size} but the train split has {len(candidates)} images besides the calibration set. "
+            f"Fix: 0 < data.heldout_size <= {len(candidates)}."
+        )
+    return Subset(train, sorted(candidates[:size]))
+
+
 def build_data(data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, seed: int) -> DataBundle:
-    """Builds the calibration and evaluation sets named by ``data_cfg`` for ``model``."""
+    """Builds the calibration and evaluation sets named by ``data_cfg`` for ``model``.
+
+    ``data.eval_split``: ``val`` evaluates on the data set's evaluation split (ImageNet val, Fashion-MNIST test);
+    ``heldout`` on ``data.heldout_size`` train images outside the calibration set (for tuning loss weights).
+    """
+    eval_split = data_cfg.get("eval_split", "val")
+    if eval_split not in ("val", "heldout"):
+        raise ConfigError(f"data.eval_split={eval_split!r}. Fix: val (the evaluation split) or heldout (tuning).")
     if data_cfg.name == "fashion_mnist":
         download_dir = data_cfg.get("download_dir")
         train = load_fashion_mnist(data_cfg.root, "train", download_dir)
-        evaluation: Dataset = load_fashion_mnist(data_cfg.root, "test", download_dir)
+        evaluation: Dataset = (
+            train if eval_split == "heldout" else load_fashion_mnist(data_cfg.root, "test", download_dir)
+        )
         calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
         ids = [f"train[{i}]" for i in indices]
         num_classes = 10
@@ -237,12 +262,16 @@ def build_data(data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, see
         root = resolve_imagenet_root(data_cfg.root)
         calib_transform = create_transform(model, data_cfg, training=data_cfg.calib_transform == "train")
         train_split = ImageNetFolder(root, "train", calib_transform)
-        evaluation = ImageNetFolder(root, "val", create_transform(model, data_cfg))
+        evaluation = ImageNetFolder(
+            root, "train" if eval_split == "heldout" else "val", create_transform(model, data_cfg)
+        )
         calibration, indices = seeded_subset(train_split, num_calib, seed, "calib.num_images")
         ids = [train_split.samples[i][0] for i in indices]
         num_classes = 1000
     else:
         raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet or data=fashion_mnist.")
+    if eval_split == "heldout":
+        evaluation = heldout_subset(evaluation, int(data_cfg.heldout_size), indices)
     if data_cfg.get("num_eval") is not None:
         evaluation, _ = seeded_subset(evaluation, int(data_cfg.num_eval), seed, "data.num_eval")
     return DataBundle(calibration, evaluation, ids, num_classes)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -59,6 +61,25 @@ def recon_progress(enabled: bool = True) -> Iterator[StepCallback | None]:
             progress.update(tasks[unit], completed=step + 1, terms=text)
 
         yield on_step
+
+
+class LossCurves:
+    """Records every reported reconstruction step's loss terms, per unit (``recon_curves.json``)."""
+
+    def __init__(self, forward_to: StepCallback | None = None) -> None:
+        self.curves: dict[str, dict[str, list[float]]] = {}
+        self.forward_to = forward_to
+
+    def __call__(self, unit: str, step: int, terms: dict[str, float], total: int) -> None:
+        curve = self.curves.setdefault(unit, {"step": []})
+        curve["step"].append(step)
+        for name, value in terms.items():
+            curve.setdefault(name, []).append(value)
+        if self.forward_to is not None:
+            self.forward_to(unit, step, terms, total)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.curves))
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -35,7 +35,7 @@ from mgrq_runner.models import create_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.engine import LossConfig, ReconConfig, reconstruct, reconstruction_summary
-from mgrq_runner.report import print_summary, recon_progress, track
+from mgrq_runner.report import LossCurves, print_summary, recon_progress, track
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "w_bits": cfg.quant.w_bits if quantize else 32,
             "a_bits": cfg.quant.a_bits if quantize else 32,
             "dataset": str(cfg.data.name),
+            "eval_split": str(cfg.data.get("eval_split", "val")),
             "seed": int(cfg.seed),
             "run_dir": str(run_dir),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -224,9 +225,13 @@ def _pipeline(
             )
         if recon_config is not None and loss_config is not None:
             with record.stage("reconstruct"), recon_progress(show) as on_step:
-                reports = reconstruct(
-                    models["quant"], models["fp"], images, recon_config, loss_config, int(cfg.seed), on_step
-                )
+                curves = LossCurves(forward_to=on_step)
+                try:
+                    reports = reconstruct(
+                        models["quant"], models["fp"], images, recon_config, loss_config, int(cfg.seed), curves
+                    )
+                finally:  # the curves so far are kept when a unit diverges
+                    curves.save(record.path.parent / "recon_curves.json")
             record.update(reconstruction=reconstruction_summary(reports))
 
     eval_loader = create_loader(bundle.evaluation, int(cfg.data.batch_size), int(cfg.data.workers))

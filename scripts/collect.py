@@ -1,0 +1,78 @@
+"""Collects the results.json of many runs into per-setting top-1 tables, and optionally plots.
+
+    python scripts/collect.py outputs/proxy_table                       # writes outputs/proxy_table/summary.*
+    python scripts/collect.py outputs/a outputs/b --out reports --plots
+
+Writes <OUT>/summary.md, summary.csv (the tables) and runs.csv (one line per run) and prints the Markdown; OUT
+defaults to the first DIR. With --plots also top1_vs_bits.png, loss_grid.png (when mgrq runs with several loss
+weights exist) and recon_curves.png (of the most recent finished run that has recon_curves.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mgrq_runner.tables import Record, find_runs, load_run, write_summary
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def latest_with_curves(records: list[Record]) -> Record | None:
+    """The most recent finished run (by its finish time, then file time) that has recon_curves.json."""
+    candidates = [r for r in records if r.done and (Path(r.run_dir) / "recon_curves.json").is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.finished or "", os.path.getmtime(Path(r.run_dir) / "results.json")))
+
+
+def make_plots(records: list[Record], out: Path) -> None:
+    from mgrq_runner import plots
+
+    try:
+        note(f"wrote {plots.plot_top1_vs_bits(records, out / 'top1_vs_bits.png')}")
+    except ValueError as err:
+        note(f"note: no top1_vs_bits.png: {err}")
+    try:
+        note(f"wrote {plots.plot_loss_grid(records, out / 'loss_grid.png')}")
+    except ValueError as err:
+        note(f"note: no loss_grid.png: {err}")
+    latest = latest_with_curves(records)
+    if latest is None:
+        note("note: no recon_curves.png: no finished run has recon_curves.json")
+    else:
+        note(f"wrote {plots.plot_recon_curves(latest.run_dir, out / 'recon_curves.png')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories or folders of them")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the summary (default: the first DIR)")
+    parser.add_argument("--plots", action="store_true", help="also write PNG plots (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    try:
+        paths = find_runs(args.dirs)
+    except FileNotFoundError as err:
+        note(f"collect: error: {err}")
+        return 2
+    if not paths:
+        note(f"collect: error: no results.json found under {' '.join(map(str, args.dirs))}")
+        return 2
+    records = [load_run(path) for path in paths]
+    out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
+    command = "python scripts/collect.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    written = write_summary(records, out, header=f"Collected with `{command}` from {len(records)} runs.\n")
+    print((out / "summary.md").read_text(), end="")
+    note("wrote " + ", ".join(map(str, written)))
+    if args.plots:
+        make_plots(records, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

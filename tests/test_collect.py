@@ -1,0 +1,231 @@
+"""The result collector: tables of generated run directories, their CSV twins, published rows, the CLI and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mgrq_runner.plots import plot_loss_grid, plot_recon_curves
+from mgrq_runner.tables import find_runs, load_run, load_runs, method_label, summary_markdown, write_summary
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"deit_s": "deit_small_patch16_224.fb_in1k", "proxy_vit": "proxy_vit"}
+REPQ_DEIT_S = [68.91, 69.40, 68.75]  # the W4A4 repq DeiT-S cell, three seeds
+
+
+def write_run(
+    root: Path,
+    preset: str,
+    method: str,
+    bits: int,
+    seed: int,
+    top1: float | None,
+    loss: tuple[float, float] | None = None,
+) -> Path:
+    """A run directory with a results.json shaped like mgrq-run's (top1 None: a failed run)."""
+    run_dir = root / f"w{bits}a{bits}" / f"{method}{'' if loss is None else f'_g{loss[0]}_l{loss[1]}'}_{preset}_s{seed}"
+    run_dir.mkdir(parents=True)
+    method_cfg: dict[str, Any] = {"name": method}
+    if loss is not None:
+        method_cfg["loss"] = {"global_weight": loss[0], "local_weight": loss[1]}
+    results: dict[str, Any] = {
+        "model": MODELS[preset],
+        "preset": preset,
+        "method": method,
+        "w_bits": bits,
+        "a_bits": bits,
+        "seed": seed,
+        "run_dir": "/somewhere/else",
+        "status": "done",
+        "times": {"calibrate": 10.0 + 2 * seed, "evaluate": 2.0},
+        "config": {"method": method_cfg},
+    }
+    if top1 is None:
+        results.update(status="failed", error="RuntimeError: out of memory")
+    else:
+        results.update(top1=top1, top5=99.0, fp_top1=90.72 if preset == "proxy_vit" else 79.80, fp_top5=99.8)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    write_run(root, "deit_s", "fp", 32, 0, 79.80)
+    write_run(root, "proxy_vit", "fp", 32, 0, 90.72)
+    for seed, top1 in enumerate(REPQ_DEIT_S):
+        write_run(root, "deit_s", "repq", 4, seed, top1)
+    write_run(root, "proxy_vit", "repq", 4, 0, 89.26)
+    mgrq_dir = write_run(root, "deit_s", "mgrq", 4, 0, 75.10, loss=(1.0, 1.0))
+    write_run(root, "deit_s", "mgrq", 4, 1, None, loss=(1.0, 1.0))  # failed
+    write_run(root, "proxy_vit", "mgrq", 4, 0, 88.50, loss=(0.0, 1.0))  # ablation; plain mgrq proxy_vit is missing
+    write_run(root, "proxy_vit", "mgrq", 4, 0, 87.90, loss=(1.0, 0.0))
+    write_run(root, "proxy_vit", "repq", 3, 0, None)  # the only W3A3 run, failed
+    (root / "broken").mkdir()
+    (root / "broken" / "results.json").write_text('{"model": "proxy_vit", "status": ')
+    curves = {
+        "blocks.0": {"step": [0, 10, 20], "block": [1.0, 0.5, 0.0], "global": [0.1, 0.05, 0.01], "rounding": [9, 5, 1]},
+        "head": {"step": [0, 10], "block": [0.2, 0.1]},
+    }
+    (mgrq_dir / "recon_curves.json").write_text(json.dumps(curves))
+    return root
+
+
+def parse_markdown(text: str) -> dict[str, dict[str, dict[str, str]]]:
+    """{setting: {row label: {column: cell}}} from "## <setting>" headings followed by Markdown tables."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    setting, header = None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            setting, header = line[3:].strip(), None
+        elif line.startswith("|") and setting is not None:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+                tables[setting] = {}
+            elif not set(line) <= set("|-"):
+                tables[setting][cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return tables
+
+
+def test_method_label_and_find_runs(runs: Path) -> None:
+    assert method_label("mgrq", 1.0, 1.0) == "mgrq"
+    assert method_label("mgrq", None, None) == "mgrq"
+    assert method_label("mgrq", 0.1, 10.0) == "mgrq (λG=0.1, λL=10)"
+    assert method_label("mgrq", 0.0, 1.0) == "mgrq (λG=0, λL=1)"
+    assert method_label("qdrop", 0.0, 0.0) == "qdrop"
+    found = find_runs([runs])
+    assert len(found) == 12 and found == sorted(found, key=str)
+    one = next(p for p in found if "repq_deit_s_s1" in str(p))
+    assert find_runs([runs, one, one.parent]) == found  # no duplicates
+    assert find_runs([one.parent]) == [one]
+
+
+def test_load_run(runs: Path) -> None:
+    record = load_run(runs / "w4a4" / "repq_deit_s_s1")
+    assert (record.model, record.method, record.setting, record.seed, record.status) == (
+        "deit_s",
+        "repq",
+        "W4A4",
+        1,
+        "done",
+    )
+    assert record.top1 == 69.40 and record.seconds == pytest.approx(14.0)
+    assert record.run_dir == str(runs / "w4a4" / "repq_deit_s_s1")
+    assert load_run(runs / "w32a32" / "fp_proxy_vit_s0").setting == "FP"
+    failed = load_run(runs / "w4a4" / "mgrq_g1.0_l1.0_deit_s_s1" / "results.json")
+    assert failed.status == "failed" and failed.top1 is None and "out of memory" in (failed.error or "")
+    broken = load_run(runs / "broken" / "results.json")
+    assert broken.status == "failed" and "broken" in broken.run_dir and broken.top1 is None
+
+
+def test_tables(runs: Path) -> None:
+    records = load_runs([runs])
+    text = summary_markdown(records)
+    tables = parse_markdown(text)
+    assert list(tables)[:2] == ["W4A4", "W3A3"]
+    w4 = tables["W4A4"]
+    assert list(w4) == [
+        "FP",
+        "repq",
+        "mgrq",
+        "mgrq (λG=0, λL=1)",
+        "mgrq (λG=1, λL=0)",
+        "FP32 (published)",
+        "RepQ-ViT (published)",
+        "QDrop, APHQ-ViT re-run (published)",
+        "APHQ-ViT (published)",
+        "FIMA-Q (published)",
+    ]
+    assert list(w4["FP"]) == ["DeiT-S", "proxy_vit", "s/run"]
+
+    n = len(REPQ_DEIT_S)
+    mean = sum(REPQ_DEIT_S) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in REPQ_DEIT_S) / (n - 1))
+    assert w4["repq"]["DeiT-S"] == f"{mean:.2f} ± {std:.2f}" == "69.02 ± 0.34"  # worked by hand too
+    assert w4["repq"]["proxy_vit"] == "89.26"
+    assert w4["repq"]["s/run"] == "13.5"  # (12 + 14 + 16 + 12) / 4 seconds
+    assert w4["FP"] == {"DeiT-S": "79.80", "proxy_vit": "90.72", "s/run": "12.0"}
+    assert w4["mgrq"]["DeiT-S"] == "75.10 (1 failed)"
+    assert w4["mgrq"]["proxy_vit"] == "missing"
+    assert w4["mgrq (λG=0, λL=1)"] == {"DeiT-S": "missing", "proxy_vit": "88.50", "s/run": "12.0"}
+    assert w4["FIMA-Q (published)"] == {"DeiT-S": "76.87", "proxy_vit": "—", "s/run": "—"}
+    assert w4["FP32 (published)"]["DeiT-S"] == "79.85"
+    assert w4["QDrop, APHQ-ViT re-run (published)"]["DeiT-S"] == "74.73"
+
+    w3 = tables["W3A3"]  # proxy-only table: no published rows
+    assert w3 == {"FP": {"proxy_vit": "90.72", "s/run": "12.0"}, "repq": {"proxy_vit": "failed", "s/run": "—"}}
+    assert "measured rows from 10 runs" in text  # 2 fp + 8 W4A4 runs
+    assert "measured rows from 2 runs" in text  # W3A3: the proxy fp run + the failed repq run
+    assert "broken" in text.split("## Failed or incomplete runs")[1]
+    for cell in (c for table in tables.values() for row in table.values() for c in row.values()):
+        assert cell not in ("0", "0.00", "nan")
+
+
+def test_no_published_rows_for_proxy_only(tmp_path: Path) -> None:
+    write_run(tmp_path, "proxy_vit", "fp", 32, 0, 90.72)
+    write_run(tmp_path, "proxy_vit", "repq", 4, 0, 89.26)
+    text = summary_markdown(load_runs([tmp_path]))
+    assert "(published)" not in text.replace("'(published)' rows", "")
+    assert parse_markdown(text)["W4A4"]["repq"]["proxy_vit"] == "89.26"
+
+
+def test_csv_matches_markdown(runs: Path, tmp_path: Path) -> None:
+    records = load_runs([runs])
+    write_summary(records, tmp_path / "out")
+    markdown = parse_markdown((tmp_path / "out" / "summary.md").read_text())
+    from_csv: dict[str, dict[str, dict[str, str]]] = {}
+    header: list[str] = []
+    with (tmp_path / "out" / "summary.csv").open(newline="") as f:
+        for row in csv.reader(f):
+            if not row:
+                continue
+            if row[0] == "setting":
+                header = row
+                continue
+            from_csv.setdefault(row[0], {})[row[1]] = dict(zip(header[2:], row[2:], strict=True))
+    assert from_csv == markdown
+
+    with (tmp_path / "out" / "runs.csv").open(newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 12
+    assert {"setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir"} <= set(
+        lines[0]
+    )
+    assert sum(line["status"] == "failed" for line in lines) == 3
+    repq = sorted(float(line["top1"]) for line in lines if line["method"] == "repq" and line["model"] == "deit_s")
+    assert repq == sorted(REPQ_DEIT_S)
+
+
+def test_plot_errors(tmp_path: Path) -> None:
+    write_run(tmp_path, "proxy_vit", "mgrq", 4, 0, 88.0, loss=(1.0, 1.0))
+    with pytest.raises(ValueError, match="loss-weight grid"):
+        plot_loss_grid(load_runs([tmp_path]), tmp_path / "grid.png")
+    with pytest.raises(FileNotFoundError, match="recon_curves.json"):
+        plot_recon_curves(tmp_path, tmp_path / "curves.png")
+
+
+def test_cli(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    cmd = [sys.executable, str(REPO / "scripts" / "collect.py"), str(runs), "--out", str(out), "--plots"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert parse_markdown(proc.stdout) == parse_markdown((out / "summary.md").read_text())
+    assert "## W4A4" in proc.stdout
+    for name in ("summary.md", "summary.csv", "runs.csv", "top1_vs_bits.png", "loss_grid.png", "recon_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "collect.py"), str(empty)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no results.json" in proc.stderr

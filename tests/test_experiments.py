@@ -1,0 +1,110 @@
+"""Every experiment composes, and its sweep expands (with Hydra's own sweeper logic) to the expected jobs."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from mgrq_runner.cli import CONFIG_DIR
+from mgrq_runner.run import quant_settings, recon_settings
+
+IMAGENET_MODELS = {"vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"}
+
+
+def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=["output_dir=/tmp/unused", *overrides], return_hydra_config=hydra)
+
+
+def expand(experiment: str) -> list[list[str]]:
+    """The override list of every job of the experiment's sweep, as Hydra's basic sweeper splits it."""
+    sweep = _compose(f"+experiment={experiment}", hydra=True).hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in sweep.items()])
+    return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+
+
+def job_summary(experiment: str, job: list[str]) -> tuple:
+    cfg = _compose(f"+experiment={experiment}", *job)
+    if cfg.method.name != "fp":
+        quant_settings(cfg)  # every job's settings validate
+    recon, losses = recon_settings(cfg)
+    weights = (losses.global_weight, losses.local_weight) if losses else (0.0, 0.0)
+    return (cfg.model.preset, cfg.method.name, cfg.quant.w_bits, cfg.quant.a_bits, *weights, int(cfg.seed))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_paper_tables(bits: int) -> None:
+    jobs = [job_summary(f"table_w{bits}a{bits}", job) for job in expand(f"table_w{bits}a{bits}")]
+    methods = [("fp", 0.0, 0.0), ("repq", 0.0, 0.0), ("qdrop", 0.0, 0.0), ("mgrq", 1.0, 1.0)]
+    expected = {(m, name, bits, bits, g, lw, 0) for m in IMAGENET_MODELS for name, g, lw in methods}
+    assert len(jobs) == 32 and set(jobs) == expected
+
+
+def test_ablation_and_loss_grid() -> None:
+    jobs = [job_summary("ablation", job) for job in expand("ablation")]
+    weights = [("qdrop", 0.0, 0.0), ("mgrq", 1.0, 0.0), ("mgrq", 0.0, 1.0), ("mgrq", 1.0, 1.0)]
+    expected = {(m, name, b, b, g, lw, 0) for m in ("deit_s", "vit_s") for b in (3, 4) for name, g, lw in weights}
+    assert len(jobs) == 16 and set(jobs) == expected
+    grid = [job_summary("loss_grid", job) for job in expand("loss_grid")]
+    values = (0.0, 0.1, 1.0, 10.0)
+    assert len(grid) == 16 and set(grid) == {("deit_s", "mgrq", 4, 4, g, lw, 0) for g in values for lw in values}
+
+
+def test_proxy_experiments() -> None:
+    jobs = [job_summary("proxy_table", job) for job in expand("proxy_table")]
+    assert len(jobs) == 72 and len(set(jobs)) == 72
+    assert {job[0] for job in jobs} == {"proxy_vit"}
+    assert {(job[2], job[3]) for job in jobs} == {(4, 4), (3, 3), (2, 4)} and {job[-1] for job in jobs} == {0, 1, 2}
+    rows = {(job[1], job[4], job[5]) for job in jobs}
+    assert ("mgrq", 0.0, 1.0) in rows and ("mgrq", 1.0, 0.0) in rows and ("brecq", 0.0, 0.0) in rows and len(rows) == 8
+    grid = [job_summary("proxy_loss_grid", job) for job in expand("proxy_loss_grid")]
+    assert len(grid) == 9 and all(job[:4] == ("proxy_vit", "mgrq", 3, 3) for job in grid)
+
+
+def test_every_experiment_is_a_multirun_and_a_user_override_wins() -> None:
+    for experiment in ("table_w4a4", "table_w3a3", "table_w6a6", "ablation", "loss_grid", "proxy_table"):
+        assert str(_compose(f"+experiment={experiment}", hydra=True).hydra.mode) == "RunMode.MULTIRUN"
+    # A sweep narrowed on the command line, as the Makefile and the slow test do it.
+    assert _compose("+experiment=proxy_table", "quant=w2a4").quant.w_bits == 2
+
+
+def test_optuna_search_tunes_on_heldout_train_images() -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = _compose("+experiment=optuna_loss", hydra=True)
+    assert cfg.data.eval_split == "heldout" and cfg.method.name == "mgrq"
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_.lower() and sweeper.direction == "maximize" and sweeper.n_trials == 20
+    assert set(sweeper.params) == {"method.loss.global_weight", "method.loss.local_weight"}
+
+
+def test_combinations_helper_is_consistent() -> None:
+    # expand() must agree with a plain cartesian product of the comma lists (no Hydra internals drift).
+    sweep = _compose("+experiment=proxy_loss_grid", hydra=True).hydra.sweeper.params
+    product = list(itertools.product(*[str(v).split(",") for v in sweep.values()]))
+    assert len(expand("proxy_loss_grid")) == len(product)
+
+
+@pytest.mark.slow
+def test_proxy_table_end_to_end_on_a_tiny_budget(tmp_path) -> None:
+    """The proxy_table sweep narrowed to one seed and setting, 3 iterations per unit, then collected."""
+    sweep = tmp_path / "sweep"
+    command = ["mgrq-run", "+experiment=proxy_table", "seed=0", "quant=w4a4", "model.recon_iters=3"]
+    command += ["calib.num_images=32", "data.num_eval=200", "progress=false", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.glob("*/results.json"))) == 8
+    collect = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "collect.py"), str(sweep)]
+    done = subprocess.run(collect, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (sweep / "summary.md").read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if line.startswith("| ")]
+    expected = ["FP", "minmax", "repq", "brecq", "qdrop", "mgrq", "mgrq (λG=0, λL=1)", "mgrq (λG=1, λL=0)"]
+    assert rows[1:] == expected and "failed" not in summary and "missing" not in summary
