@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mgrq_runner import report
 from mgrq_runner.errors import MgrqError
-from mgrq_runner.report import console
 from mgrq_runner.run import run
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     except MgrqError as err:
         message = user_message(err)
         log.error("%s", message)
-        console.print(f"[bold red]error:[/] {message}")
+        report.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # a sweep goes on with its other jobs; this one's results.json says failed
         sys.exit(2)

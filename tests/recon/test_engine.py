@@ -112,3 +112,16 @@ def test_mgrq_lowers_every_block_error(proxy) -> None:
     assert [r.name for r in reports][-1] == "head" and all(r.final for r in reports[1:])
     after = block_errors(quant_model, fp_model, images)
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_same_seed_same_result_on_the_same_device(proxy) -> None:
+    def reconstructed_logits(seed: int) -> torch.Tensor:
+        fp_model, quant_model, images = copy.deepcopy(proxy)
+        torch.manual_seed(seed)  # the in-quantizer QDrop masks draw from the global generator (run.py seeds it)
+        reconstruct(quant_model, fp_model, images, ReconConfig(iters=6, batch_size=16), LossConfig(), seed=seed)
+        with torch.no_grad():
+            return quant_model(images)
+
+    first = reconstructed_logits(0)
+    assert torch.equal(first, reconstructed_logits(0))
+    assert not torch.equal(first, reconstructed_logits(1))

@@ -33,6 +33,7 @@ from mgrq_runner.recon.losses import (
     local_loss,
 )
 from mgrq_runner.recon.units import Unit, model_units, run_units
+from mgrq_runner.resume import ReconState
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def reconstruct(
     losses: LossConfig,
     seed: int,
     on_step: StepCallback | None = None,
+    state: ReconState | None = None,
 ) -> list[UnitReport]:
     """Reconstructs ``quant_model`` (calibrated) unit by unit on calibration ``images`` (on the model's device).
 
@@ -164,6 +166,8 @@ def reconstruct(
         losses: loss settings; zero weights switch terms off.
         seed: seed of the mini-batch sampling.
         on_step: called as ``on_step(unit_name, step, loss_terms, total_steps)`` for progress display.
+        state: where every finished unit is saved; the units it already holds (an interrupted run's) are loaded
+            instead of optimised, and the RNG states saved after the last of them are restored.
 
     Returns:
         One report per unit: final loss terms and wall time.
@@ -180,20 +184,47 @@ def reconstruct(
 
     x_q, x_fp = images, images
     reports = []
+    finished = len(state.units) if state is not None else 0
     for index, unit in enumerate(quant_units):
         start = time.perf_counter()
-        points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 else []
+        restored = index < finished
+        points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 and not restored else []
         output, layers = fp_outputs(unit, x_fp, points, batch)
         final: dict[str, float] = {}
-        if any(True for _ in quant_layers(unit.module)):
+        seconds = None
+        if restored:
+            assert state is not None
+            seconds, final = _restore_unit(unit, index, state, recon, generator)
+        elif any(True for _ in quant_layers(unit.module)):
             targets = UnitTargets(output, layers, fp_logits)
             final = _optimize_unit(unit, index, fp_units, x_q, x_fp, targets, points, recon, losses, generator, on_step)
         for _, layer in quant_layers(unit.module):
             layer.freeze()
         x_q, x_fp = _batched(unit, x_q, batch), output
-        reports.append(UnitReport(unit.name, time.perf_counter() - start, final))
-        log.info("unit %s: %s (%.1fs)", unit.name, {k: round(v, 5) for k, v in final.items()}, reports[-1].seconds)
+        reports.append(UnitReport(unit.name, time.perf_counter() - start if seconds is None else seconds, final))
+        if state is not None and not restored:
+            state.save(index, unit.name, unit.module, reports[-1].seconds, final, generator)
+        log.info(
+            "unit %s%s: %s (%.1fs)",
+            unit.name,
+            " (restored)" if restored else "",
+            {k: round(v, 5) for k, v in final.items()},
+            reports[-1].seconds,
+        )
     return reports
+
+
+def _restore_unit(
+    unit: Unit, index: int, state: ReconState, recon: ReconConfig, generator: torch.Generator
+) -> tuple[float, dict[str, float]]:
+    """Loads a unit an earlier run finished, hardened as ``_optimize_unit`` left it, and the RNG states after it."""
+    optimised = any(True for _ in quant_layers(unit.module))
+    if optimised:
+        roundings, scales = prepare_unit(unit.module, recon)
+    seconds, final = state.load(index, unit.name, unit.module, generator)
+    if optimised:
+        harden_unit(unit.module, roundings, scales)
+    return seconds, final
 
 
 def fp_outputs(

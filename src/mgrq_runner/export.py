@@ -1,0 +1,301 @@
+"""Export of a quantized model as integer weight codes, and its exact reload without calibration.
+
+``export_quantized`` writes two files into a run directory:
+
+- ``quantized_model.safetensors``: for every quantized weight layer ``L`` the integer codes ``L.weight_codes``
+  (uint8) and its per-channel grid ``L.weight_quantizer.{scale,zero_point}``; every activation quantizer's
+  parameters (uniform: ``scale``, ``zero_point``; log-sqrt(2): ``delta``); and the rest of the model's state
+  (biases, LayerNorms after the RepQ reparameterisation, class token, position embedding, ...).
+- ``quantized_model.json``: the manifest (model, bits, method, per-layer granularity and enabled flags, library
+  versions, sizes).
+
+``load_quantized`` rebuilds the fake-quantized model from these files alone; its logits equal the exporting run's.
+Tensors are read from safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.models import create_model
+from mgrq_runner.quant import primitives as P
+from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
+from mgrq_runner.quant.modules import _QuantWeightLayer
+from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+WEIGHTS_FILE = "quantized_model.safetensors"
+MANIFEST_FILE = "quantized_model.json"
+FORMAT = "mgrq-quantized"
+FORMAT_VERSION = 1
+MB = 1e6  # sizes are in MB of 10**6 bytes
+FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
+
+
+def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
+    if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on
+        return layer.rounding.scale, layer.rounding.zero_point
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    return layer.weight_quantizer.scale.reshape(shape), layer.weight_quantizer.zero_point.reshape(shape)
+
+
+@torch.no_grad()
+def weight_codes(layer: _QuantWeightLayer) -> torch.Tensor:
+    """The integer codes (uint8) behind the layer's fake-quantized weight.
+
+    AdaRound layers: ``floor + 1[V >= 0] + zero_point``, clamped; others: ``quantize(weight)`` on the weight
+    quantizer's grid. Raises RuntimeError if the codes do not reproduce the weight the layer computes with.
+    """
+    bits = layer.weight_quantizer.bits
+    scale, zero_point = _grid(layer)
+    rounding = layer.rounding
+    if rounding is not None:
+        if not rounding.hard:
+            raise RuntimeError("AdaRound is not hardened: export after reconstruction has finished")
+        codes = torch.clamp(rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, P.qmax(bits))
+    else:
+        codes = P.quantize(layer.weight, scale, zero_point, bits)
+    if not torch.equal(P.dequantize(codes, zero_point=zero_point, scale=scale), layer.quantized_weight()):
+        raise RuntimeError("the exported codes do not reproduce the layer's fake-quantized weight")
+    return codes.to(torch.uint8)
+
+
+def _quantizer_kind(quantizer: nn.Module) -> str:
+    return "log_sqrt2" if isinstance(quantizer, LogSqrt2Quantizer) else "uniform"
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors to save and the per-layer / per-quantizer manifest entries of a quantized ``model``.
+
+    Every state_dict entry is kept except the FP weights of quantized layers (replaced by their codes) and the
+    AdaRound variables (folded into the codes).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    skip: set[str] = set()
+    for name, layer in quant_layers(model):
+        quantizer = layer.weight_quantizer
+        enabled = bool(quantizer.enabled)
+        layers[name] = {
+            "type": type(layer).__name__,
+            "shape": list(layer.weight.shape),
+            "bits": quantizer.bits,
+            "granularity": "per_channel",
+            "enabled": enabled,
+            "adaround": layer.rounding is not None,
+        }
+        if enabled:
+            scale, zero_point = _grid(layer)
+            tensors[f"{name}.weight_codes"] = _cpu(weight_codes(layer))
+            tensors[f"{name}.weight_quantizer.scale"] = _cpu(scale.reshape(-1))
+            tensors[f"{name}.weight_quantizer.zero_point"] = _cpu(zero_point.reshape(-1))
+            skip |= {f"{name}.weight", f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.zero_point"}
+    activations = {
+        name: {
+            "kind": _quantizer_kind(quantizer),
+            "bits": quantizer.bits,
+            "granularity": "per_channel" if getattr(quantizer, "per_channel", False) else "per_tensor",
+            "enabled": bool(quantizer.enabled),
+        }
+        for name, quantizer in activation_quantizers(model)
+    }
+    for key, value in model.state_dict().items():
+        if key not in skip and ".rounding." not in key:
+            tensors[key] = _cpu(value)
+    return tensors, {"layers": layers, "activation_quantizers": activations}
+
+
+def size_figures(model: nn.Module, layers: dict[str, Any], file_bytes: int) -> dict[str, float]:
+    """FP32 vs packed sizes (MB) of the quantized layers' weights and of the whole model.
+
+    Packed: ``bits / 8`` bytes per code plus an fp32 scale and an 8-bit zero point per output channel; the rest of
+    the model (biases, norms, embeddings, activation quantizer parameters) counts as FP32 in both figures.
+    """
+    quantized = {f"{name}.weight" for name, info in layers.items() if info["enabled"]}
+    fp32_weights = packed_weights = other = 0.0
+    for key, value in model.state_dict().items():
+        if ".rounding." in key:
+            continue
+        if key in quantized:
+            bits = layers[key.removesuffix(".weight")]["bits"]
+            fp32_weights += value.numel() * FP32_BYTES
+            packed_weights += value.numel() * bits / 8 + value.shape[0] * (SCALE_BYTES + ZERO_POINT_BYTES)
+        elif not key.endswith(("weight_quantizer.scale", "weight_quantizer.zero_point")):
+            other += value.numel() * value.element_size()
+    return {
+        "quantized_weights_fp32_mb": round(fp32_weights / MB, 6),
+        "quantized_weights_packed_mb": round(packed_weights / MB, 6),
+        "quantized_weights_ratio": round(packed_weights / max(fp32_weights, 1.0), 6),
+        "model_fp32_mb": round((fp32_weights + other) / MB, 6),
+        "model_packed_mb": round((packed_weights + other) / MB, 6),
+        "model_ratio": round((packed_weights + other) / max(fp32_weights + other, 1.0), 6),
+        "file_mb": round(file_bytes / MB, 6),
+    }
+
+
+def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``quantized_model.safetensors`` and ``quantized_model.json`` for ``model`` into ``run_dir``.
+
+    Args:
+        model: the final quantized model (calibrated, reconstructed); it is not modified.
+        run_dir: the run directory.
+        info: manifest fields describing the run: ``model`` (the resolved model config), ``quant_config``
+            (QuantConfig fields), ``method``, ``versions`` and any others to record.
+
+    Returns:
+        What results.json records: the paths and the size figures.
+    """
+    run_dir = Path(run_dir)
+    tensors, entries = export_tensors(model)
+    weights_path = run_dir / WEIGHTS_FILE
+    tmp = weights_path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
+    tmp.replace(weights_path)
+    sizes = size_figures(model, entries["layers"], weights_path.stat().st_size)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "weights_file": WEIGHTS_FILE,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "timm_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "granularity": {
+            "weights": "per_channel",
+            "activations": "per_tensor",
+            "log_sqrt2": [name for name, q in entries["activation_quantizers"].items() if q["kind"] == "log_sqrt2"],
+        },
+        "size_unit": "MB = 10**6 bytes",
+        "sizes": sizes,
+        **entries,
+    }
+    manifest_path = run_dir / MANIFEST_FILE
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an exported run, checked; raises ConfigError / ModelError naming the fix."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"checkpoint {run_dir} is not a directory. Fix: checkpoint=<the run dir of a run made with export=true>."
+        )
+    path = run_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{run_dir} has no {MANIFEST_FILE}. Fix: re-run that job with export=true, or point checkpoint at "
+            f"a run dir that holds {MANIFEST_FILE} and {WEIGHTS_FILE}."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path} is not valid JSON ({err}). Fix: re-export the run with export=true.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an mgrq-runner export manifest. Fix: re-export the run with export=true.")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has format version {manifest.get('format_version')}, this mgrq-runner reads "
+            f"{FORMAT_VERSION}. Fix: re-export the run with this version (export=true)."
+        )
+    return manifest
+
+
+def _read_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"{run_dir} has no {WEIGHTS_FILE}. Fix: re-run that job with export=true.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"{path} cannot be read ({err}). Fix: re-run that job with export=true.") from err
+
+
+def _mismatch(run_dir: Path, what: str) -> ModelError:
+    return ModelError(
+        f"the export in {run_dir} does not fit its model ({what}). Fix: re-export the run with this mgrq-runner "
+        "(export=true)."
+    )
+
+
+@torch.no_grad()
+def _assign(model: nn.Module, key: str, value: torch.Tensor, run_dir: Path) -> None:
+    """Copies a saved parameter or buffer into ``model`` (a bias the reparameterisation added is created)."""
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise _mismatch(run_dir, f"no module {module_name!r}") from None
+    current = getattr(module, attr, None)
+    if current is None and attr == "bias" and isinstance(module, _QuantWeightLayer):
+        module.bias = nn.Parameter(value.clone(), requires_grad=False)
+    elif isinstance(current, torch.Tensor) and current.shape == value.shape:
+        current.copy_(value)
+    else:
+        got = "nothing" if current is None else f"shape {list(getattr(current, 'shape', []))}"
+        raise _mismatch(run_dir, f"{key}: saved shape {list(value.shape)}, model has {got}")
+
+
+def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    tensors = _read_tensors(run_dir)
+    model_cfg = OmegaConf.create({**manifest["model"], "pretrained": False, "checkpoint": None})
+    model = quantize_(create_model(model_cfg), QuantConfig(**manifest["quant_config"]))
+    layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
+    if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
+        raise _mismatch(run_dir, "its quantized layers differ from the manifest's")
+    handled: set[str] = set()
+    try:
+        for name, layer in layers.items():
+            grid = f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.zero_point"
+            scale, zero_point = tensors[grid[0]], tensors[grid[1]]
+            layer.weight_quantizer.set_qparams(scale, zero_point)
+            handled |= set(grid)
+            if not manifest["layers"][name]["enabled"]:
+                continue  # its FP weight is saved as such
+            codes = tensors[f"{name}.weight_codes"]
+            if codes.shape != layer.weight.shape or scale.numel() != codes.shape[0]:
+                raise _mismatch(run_dir, f"{name}: codes {list(codes.shape)}, weight {list(layer.weight.shape)}")
+            shape = (-1,) + (1,) * (codes.dim() - 1)
+            with torch.no_grad():
+                layer.weight.copy_(P.dequantize(codes.float(), scale.reshape(shape), zero_point.reshape(shape)))
+            handled |= {f"{name}.weight_codes", f"{name}.weight"}
+        for name, quantizer in activations.items():
+            if isinstance(quantizer, UniformQuantizer):
+                quantizer.set_qparams(tensors[f"{name}.scale"], tensors[f"{name}.zero_point"])
+                handled |= {f"{name}.scale", f"{name}.zero_point"}
+            else:
+                quantizer.set_delta(tensors[f"{name}.delta"])
+                handled.add(f"{name}.delta")
+    except KeyError as err:
+        raise _mismatch(run_dir, f"{err.args[0]} is missing") from None
+    for key, value in tensors.items():
+        if key not in handled:
+            _assign(model, key, value, run_dir)
+    missing = [key for key in model.state_dict() if key not in tensors and key not in handled]
+    if missing:
+        raise _mismatch(run_dir, f"{missing[0]} is missing")
+    for name, layer in layers.items():
+        layer.weight_quantizer.enabled = bool(manifest["layers"][name]["enabled"])
+    for name, quantizer in activations.items():
+        quantizer.enabled = bool(manifest["activation_quantizers"][name]["enabled"])
+    model = model.to(device).eval()
+    for layer in layers.values():
+        layer.freeze()
+    return model

@@ -1,0 +1,212 @@
+"""Export of integer weight codes, exact reload (``load_quantized``) and ``mode=eval``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import mgrq_runner.run as run_module
+from mgrq_runner.cli import CONFIG_DIR
+from mgrq_runner.data import load_fashion_mnist
+from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.export import MANIFEST_FILE, WEIGHTS_FILE, export_quantized, load_quantized
+from mgrq_runner.models import create_proxy_model
+from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
+from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.recon.adaround import AdaRound
+from mgrq_runner.run import run
+from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+
+SMOKE = ("debug=smoke", "progress=false", "export=true")
+METHODS = {
+    "repq": ("method=repq",),
+    "mgrq": ("method=mgrq", "method.recon.iters=5", "calib.num_images=32"),
+}
+
+
+def _compose(output_dir: Path, *overrides: str) -> Any:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={output_dir}", *overrides])
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def exported(request, tmp_path_factory) -> dict[str, Any]:
+    """One exporting run per method; keeps the run's final in-memory quantized model."""
+    captured: dict[str, nn.Module] = {}
+
+    def capture(model: nn.Module, run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+        captured["model"] = model
+        return export_quantized(model, run_dir, info)
+
+    run_dir = tmp_path_factory.mktemp(request.param) / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "export_quantized", capture)
+        results = run(_compose(run_dir, *SMOKE, *METHODS[request.param]))
+    return {"name": request.param, "run_dir": run_dir, "results": results, "model": captured["model"]}
+
+
+@pytest.fixture(scope="module")
+def test_images() -> torch.Tensor:
+    return load_fashion_mnist(FASHION_MNIST_ROOT, "test").tensors[0][:64]
+
+
+@needs_fashion_mnist
+def test_reloaded_model_gives_identical_logits(exported, test_images) -> None:
+    loaded = load_quantized(exported["run_dir"])
+    assert not any(layer.rounding is not None for _, layer in quant_layers(loaded))
+    assert all(layer.frozen for _, layer in quant_layers(loaded))
+    assert torch.equal(_logits(loaded, test_images), _logits(exported["model"], test_images))
+
+
+@needs_fashion_mnist
+def test_codes_are_integers_in_range(exported) -> None:
+    tensors = load_file(str(exported["run_dir"] / WEIGHTS_FILE))
+    manifest = json.loads((exported["run_dir"] / MANIFEST_FILE).read_text())
+    assert manifest["method"] == exported["name"] and manifest["w_bits"] == 4 and manifest["a_bits"] == 4
+    assert len(manifest["layers"]) == 4 * 4 + 2  # qkv, proj, fc1, fc2 per block; the patch embedding; the head
+    for name, info in manifest["layers"].items():
+        codes = tensors[f"{name}.weight_codes"]
+        assert codes.dtype == torch.uint8 and list(codes.shape) == info["shape"]
+        assert int(codes.max()) <= 2**4 - 1 and info["granularity"] == "per_channel" and info["enabled"]
+        assert info["adaround"] == (exported["name"] == "mgrq")
+        assert tensors[f"{name}.weight_quantizer.scale"].shape == (codes.shape[0],)
+        assert f"{name}.weight" not in tensors and f"{name}.bias" in tensors
+    assert not any(".rounding." in key for key in tensors)
+    assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "norm.weight"} <= set(tensors)
+    log_quantizers = manifest["granularity"]["log_sqrt2"]
+    assert log_quantizers == [f"blocks.{i}.attn.matmul_av.quantizer_a" for i in range(4)]
+    assert all(f"{name}.delta" in tensors for name in log_quantizers)
+    assert all(q["granularity"] == "per_tensor" for q in manifest["activation_quantizers"].values())
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["model"]["name"] == "proxy_vit"
+
+
+@needs_fashion_mnist
+def test_size_figures_are_consistent(exported) -> None:
+    sizes = exported["results"]["export"]
+    manifest = json.loads((exported["run_dir"] / MANIFEST_FILE).read_text())
+    assert sizes["quantized_weights_fp32_mb"] == manifest["sizes"]["quantized_weights_fp32_mb"]
+    assert sizes["quantized_weights_packed_mb"] < sizes["quantized_weights_fp32_mb"]
+    assert 4 / 32 < sizes["quantized_weights_ratio"] < 4 / 32 + 0.02  # codes plus per-channel grids
+    assert sizes["model_packed_mb"] < sizes["model_fp32_mb"]
+    params = sum(p.numel() for p in create_proxy_model(pretrained=False).parameters())
+    assert sizes["model_fp32_mb"] == pytest.approx(params * 4 / 1e6, rel=0.01)
+    assert sizes["file_mb"] == pytest.approx((exported["run_dir"] / WEIGHTS_FILE).stat().st_size / 1e6)
+    assert Path(sizes["weights"]) == exported["run_dir"] / WEIGHTS_FILE
+
+
+@needs_fashion_mnist
+def test_eval_mode_reproduces_top1(exported, tmp_path) -> None:
+    results = run(_compose(tmp_path / "eval", "debug=smoke", "mode=eval", f"checkpoint={exported['run_dir']}"))
+    original = exported["results"]
+    assert results["status"] == "done" and results["mode"] == "eval"
+    assert results["checkpoint"] == str(exported["run_dir"].resolve())
+    assert (results["top1"], results["top5"], results["num_eval"]) == (
+        original["top1"],
+        original["top5"],
+        original["num_eval"],
+    )
+    assert results["method"] == exported["name"] and "calibrate" not in results["times"]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["top1"] == original["top1"]
+
+
+@needs_fashion_mnist
+def test_export_survives_a_failed_evaluation(tmp_path, monkeypatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(run_module, "evaluate", broken)
+    cfg = _compose(tmp_path / "run", *SMOKE, "method=minmax")
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "export" in results["times"]
+    assert (tmp_path / "run" / WEIGHTS_FILE).is_file() and (tmp_path / "run" / MANIFEST_FILE).is_file()
+
+
+def test_random_calibration_and_adaround_round_trip(tmp_path) -> None:
+    """No data needed: calibrate on random images, harden random AdaRound variables on two layers."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 28, 28, generator=generator)
+    config = QuantConfig(w_bits=3, a_bits=4)
+    model = quantize_(create_proxy_model(pretrained=False), config)
+    calibrate(model, [images], 1, InitConfig(percentiles=(0.999, 1.0)), torch.device("cpu"))
+    for _, layer in list(quant_layers(model))[1:3]:
+        layer.unfreeze()
+        layer.rounding = AdaRound(layer.weight.detach(), layer.weight_quantizer)
+        layer.rounding.variable.data.normal_(generator=generator)
+        layer.rounding.hard = True
+        layer.freeze()
+    info = {"model": {"name": "proxy_vit", "preset": "proxy_vit"}, "method": "test", "w_bits": 3, "a_bits": 4}
+    export_quantized(model, tmp_path, {**info, "quant_config": vars(config), "num_calib": 8})
+    loaded = load_quantized(tmp_path)
+    assert torch.equal(_logits(loaded, images), _logits(model, images))
+    codes = load_file(str(tmp_path / WEIGHTS_FILE))["blocks.0.attn.qkv.weight_codes"]
+    assert int(codes.max()) <= 7
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="mode=eval needs a checkpoint. Fix: add checkpoint="):
+        run(_compose(tmp_path / "a", "mode=eval"))
+    with pytest.raises(ConfigError, match="is not a directory. Fix: checkpoint="):
+        run(_compose(tmp_path / "b", "mode=eval", f"checkpoint={tmp_path / 'nowhere'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=f"has no {MANIFEST_FILE}. Fix: re-run that job with export=true"):
+        load_quantized(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="mode='bogus' is unknown"):
+        run(_compose(tmp_path / "c", "mode=bogus"))
+
+
+def test_broken_exports_give_clear_errors(tmp_path) -> None:
+    images = torch.randn(4, 1, 28, 28)
+    model = quantize_(create_proxy_model(pretrained=False), QuantConfig())
+    calibrate(model, [images], 1, InitConfig(percentiles=(1.0,)), torch.device("cpu"))
+    info = {"model": {"name": "proxy_vit"}, "method": "test", "w_bits": 4, "a_bits": 4, "num_calib": 4}
+    good = tmp_path / "good"
+    good.mkdir()
+    export_quantized(model, good, {**info, "quant_config": vars(QuantConfig())})
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(good, no_weights)
+    (no_weights / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelError, match=f"has no {WEIGHTS_FILE}"):
+        load_quantized(no_weights)
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(good, other_model)
+    with pytest.raises(ModelError, match="holds model proxy_vit but the config names deit_tiny"):
+        run(_compose(tmp_path / "d", "mode=eval", f"checkpoint={other_model}", "model=deit_t"))
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    tensors = load_file(str(truncated / WEIGHTS_FILE))
+    del tensors["blocks.1.mlp.fc2.weight_codes"]
+    save_file(tensors, str(truncated / WEIGHTS_FILE))
+    with pytest.raises(ModelError, match="blocks.1.mlp.fc2.weight_codes is missing"):
+        load_quantized(truncated)
+
+    resized = tmp_path / "resized"
+    shutil.copytree(good, resized)
+    tensors = load_file(str(resized / WEIGHTS_FILE))
+    tensors["pos_embed"] = torch.zeros(1, 3, 96)
+    save_file(tensors, str(resized / WEIGHTS_FILE))
+    with pytest.raises(ModelError, match="does not fit its model .pos_embed: saved shape"):
+        load_quantized(resized)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    (corrupt / WEIGHTS_FILE).write_bytes(b"\x80\x04 not safetensors")
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_quantized(corrupt)
