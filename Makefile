@@ -74,4 +74,5 @@ proxy-loss-grid: setup ## the loss-weight grid on the proxy at W3A3 (CPU, about 
 proxy-table: setup ## every method on the proxy (W4A4/W3A3/W2A4 x 3 seeds) and its loss grid, into docs/proxy
 	$(call experiment,proxy_table,)
 	$(call experiment,proxy_loss_grid,)
-	$(PY) scripts/collect.py $(EXP)/proxy_table $(EXP)/proxy_loss_grid --out docs/proxy --plots
+	$(PY) scripts/collect.py $(EXP)/proxy_table --out docs/proxy --plots
+	$(PY) scripts/collect.py $(EXP)/proxy_loss_grid --out docs/proxy/loss_grid --plots

@@ -229,3 +229,17 @@ def test_cli(runs: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "no results.json" in proc.stderr
+
+
+def test_repeated_runs_and_heldout_runs_are_flagged(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_run(root / "a", "proxy_vit", "repq", 4, 0, 89.26)
+    write_run(root / "b", "proxy_vit", "repq", 4, 0, 89.26)  # the same job collected twice
+    tuned = write_run(root / "c", "proxy_vit", "repq", 4, 1, 95.0)
+    results = json.loads((tuned / "results.json").read_text())
+    (tuned / "results.json").write_text(json.dumps({**results, "eval_split": "heldout"}))
+    text = summary_markdown(load_runs([root]))
+    assert "## Repeated runs" in text and "W4A4 repq proxy_vit seed 0" in text
+    tables = parse_markdown(text)
+    assert tables["W4A4"]["repq"]["proxy_vit"] == "89.26 ± 0.00"  # the held-out score stays out of it
+    assert tables["W4A4 (held-out train)"]["repq"]["proxy_vit"] == "95.00"

@@ -373,6 +373,19 @@ def _problems(records: Sequence[Record]) -> list[str]:
     return lines
 
 
+def _duplicates(records: Sequence[Record]) -> str:
+    """Finished runs that share setting, method, model and seed: the same cell counted twice."""
+    groups: dict[tuple, list[str]] = {}
+    for r in records:
+        if r.done:
+            groups.setdefault((r.setting, r.method, r.model, r.seed), []).append(r.run_dir)
+    return "".join(
+        f"- {setting} {method} {model} seed {seed}: {', '.join(dirs)}\n"
+        for (setting, method, model, seed), dirs in groups.items()
+        if len(dirs) > 1
+    )
+
+
 def summary_markdown(records: Sequence[Record]) -> str:
     """Every setting's table under a "## <setting>" heading, then a list of failed / incomplete runs."""
     parts = []
@@ -382,6 +395,9 @@ def summary_markdown(records: Sequence[Record]) -> str:
             "ImageNet numbers from the papers, not measured here."
         )
         parts.append(f"## {table.setting}\n\n{table_markdown(table)}\n\n{note}\n")
+    duplicates = _duplicates(records)
+    if duplicates:
+        parts.append("## Repeated runs (averaged as if they were seeds; collect fewer directories?)\n\n" + duplicates)
     provenance = sorted({r.provenance for r in records if r.provenance})
     if provenance:
         parts.append("Runs made with: " + "; ".join(f"`{p}`" for p in provenance) + "\n")
