@@ -108,3 +108,19 @@ def test_proxy_table_end_to_end_on_a_tiny_budget(tmp_path) -> None:
     rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if line.startswith("| ")]
     expected = ["FP", "minmax", "repq", "brecq", "qdrop", "mgrq", "mgrq (λG=0, λL=1)", "mgrq (λG=1, λL=0)"]
     assert rows[1:] == expected and "failed" not in summary and "missing" not in summary
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target", "fields"),
+    [
+        ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "tasks_per_node": 1, "max_num_timeout": 3}),
+        ("local_gpus", "JoblibLauncher", {"prefer": "processes"}),
+    ],
+)
+def test_launchers_compose_with_a_table(launcher: str, target: str, fields: dict) -> None:
+    plugin = "hydra_submitit_launcher" if launcher == "slurm" else "hydra_joblib_launcher"
+    pytest.importorskip(f"hydra_plugins.{plugin}")
+    cfg = _compose("+experiment=table_w4a4", f"hydra/launcher={launcher}", hydra=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert {key: cfg.hydra.launcher[key] for key in fields} == fields
+    assert len(expand("table_w4a4")) == 32  # the launcher leaves the sweep as it is

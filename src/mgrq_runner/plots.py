@@ -82,10 +82,11 @@ def plot_top1_vs_bits(records: Sequence[Record], path: str | Path) -> Path:
 
 
 def plot_loss_grid(records: Sequence[Record], path: str | Path) -> Path:
-    """Heatmaps of mean top-1 over (global_weight, local_weight) of mgrq runs, one per model and setting."""
+    """Heatmaps of mean top-1 over (global_weight, local_weight) of mgrq (and qdrop) runs, per model and setting."""
     cells: dict[tuple[str, str], dict[tuple[float, float], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r.method_name == "mgrq" and r.done and r.top1 is not None:
+        # qdrop is mgrq with both weights 0 (same reconstruction, block loss only): the grid's (0, 0) corner
+        if r.method_name in ("mgrq", "qdrop") and r.done and r.top1 is not None:
             g = 1.0 if r.global_weight is None else r.global_weight
             loc = 1.0 if r.local_weight is None else r.local_weight
             cells[(r.model, r.setting)][(g, loc)].append(r.top1)
