@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -37,8 +38,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
+@functools.cache  # the code this process loaded: a later commit in the checkout must not relabel its runs
 def git_revision() -> str | None:
-    """The source tree's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
+    """The source tree's commit (with ``-dirty`` if it has uncommitted changes) when first asked, or None."""
     source = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
