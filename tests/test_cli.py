@@ -98,7 +98,7 @@ def test_default_job(tmp_path: Path) -> None:
     done = mgrq_run(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["status"] == "done" and results["num_eval"] == 10_000 and results["num_calib"] == 32
+    assert results["status"] == "done" and results["num_eval"] == 10_000 and results["num_calib"] == 1024
     assert results["fp_top1"] >= 88.0, "the shipped proxy must reach 88 % top-1"
     assert results["method"] == "mgrq" and len(results["reconstruction"]) == 6  # embed, 4 blocks, head
     assert results["fp_top1"] - results["top1"] < 1.5, "mgrq at W4A4 stays within 1.5 points of FP on the proxy"
