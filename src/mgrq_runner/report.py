@@ -79,7 +79,10 @@ class LossCurves:
             self.forward_to(unit, step, terms, total)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.curves))
+        """Writes the curves atomically (a crash mid-write keeps the previous file)."""
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.curves))
+        tmp.replace(path)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
