@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives as P
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
@@ -74,10 +75,6 @@ def _quantizer_kind(quantizer: nn.Module) -> str:
     return "log_sqrt2" if isinstance(quantizer, LogSqrt2Quantizer) else "uniform"
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
 def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors to save and the per-layer / per-quantizer manifest entries of a quantized ``model``.
 
@@ -100,9 +97,9 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         }
         if enabled:
             scale, zero_point = _grid(layer)
-            tensors[f"{name}.weight_codes"] = _cpu(weight_codes(layer))
-            tensors[f"{name}.weight_quantizer.scale"] = _cpu(scale.reshape(-1))
-            tensors[f"{name}.weight_quantizer.zero_point"] = _cpu(zero_point.reshape(-1))
+            tensors[f"{name}.weight_codes"] = cpu_copy(weight_codes(layer))
+            tensors[f"{name}.weight_quantizer.scale"] = cpu_copy(scale.reshape(-1))
+            tensors[f"{name}.weight_quantizer.zero_point"] = cpu_copy(zero_point.reshape(-1))
             skip |= {f"{name}.weight", f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.zero_point"}
     activations = {
         name: {
@@ -115,7 +112,7 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     }
     for key, value in model.state_dict().items():
         if key not in skip and ".rounding." not in key:
-            tensors[key] = _cpu(value)
+            tensors[key] = cpu_copy(value)
     return tensors, {"layers": layers, "activation_quantizers": activations}
 
 
@@ -162,10 +159,12 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     run_dir = Path(run_dir)
     tensors, entries = export_tensors(model)
     weights_path = run_dir / WEIGHTS_FILE
-    tmp = weights_path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
-    tmp.replace(weights_path)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
+
+    write_atomic(weights_path, write)
     sizes = size_figures(model, entries["layers"], weights_path.stat().st_size)
     manifest = {
         "format": FORMAT,
@@ -184,7 +183,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
         **entries,
     }
     manifest_path = run_dir / MANIFEST_FILE
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
 
 

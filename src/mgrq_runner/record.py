@@ -22,6 +22,7 @@ import torchvision
 from omegaconf import DictConfig
 
 from mgrq_runner import __version__
+from mgrq_runner.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ class RunRecord:
         self.write()
 
     def write(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
 
 
 def common_fields(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mgrq_runner.files import write_text_atomic
 from mgrq_runner.recon.engine import StepCallback
 
 T = TypeVar("T")
@@ -79,10 +80,7 @@ class LossCurves:
             self.forward_to(unit, step, terms, total)
 
     def save(self, path: Path) -> None:
-        """Writes the curves atomically (a crash mid-write keeps the previous file)."""
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.curves))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.curves))
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

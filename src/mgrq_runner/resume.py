@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgrq_runner.errors import ConfigError
+from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.quant.api import quant_layers
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,6 @@ def previous_results(run_dir: Path) -> dict[str, Any] | None:
     return results if isinstance(results, dict) and isinstance(results.get("config"), dict) else None
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
 def _derived_keys(module: nn.Module) -> set[str]:
     """State that reconstruction never changes or recomputes exactly: FP weights, AdaRound's ``floor``."""
     keys = set()
@@ -166,16 +156,16 @@ class ReconState:
             raise RuntimeError(f"unit {name} is #{index} but {len(self.units)} units are saved")
         self.directory.mkdir(parents=True, exist_ok=True)
         skip = _derived_keys(module)
-        tensors = {f"state.{k}": _cpu(v) for k, v in module.state_dict().items() if k not in skip}
+        tensors = {f"state.{k}": cpu_copy(v) for k, v in module.state_dict().items() if k not in skip}
         tensors["rng.generator"] = generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         if generator.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(generator.device)
         file = f"{index:03d}_{name}.safetensors"
-        _write_atomic(self.directory / file, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
+        write_atomic(self.directory / file, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
         self.units.append({"name": name, "file": file, "seconds": seconds, "final": final})
         manifest = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.units}
-        _write_atomic(self.directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_text_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if self.on_save is not None:
             self.on_save(self.names)
 
