@@ -1,6 +1,7 @@
-"""Trains the proxy ViT on Fashion-MNIST train on the CPU and writes the weights shipped in the package.
+"""Trains a proxy (ViT or Swin) on Fashion-MNIST train on the CPU and writes the weights shipped in the package.
 
-    python scripts/train_proxy.py                    # the shipped weights: seed 0, 30 epochs, CPU
+    python scripts/train_proxy.py                    # the shipped ViT weights: seed 0, 30 epochs, CPU
+    python scripts/train_proxy.py --model proxy_swin --epochs 12 --threads 1   # the shipped Swin weights
     python scripts/train_proxy.py --epochs 1 --out /tmp/proxy.safetensors
 
 Recipe: AdamW, one warm-up epoch then cosine decay, label smoothing 0.1, random shifts of up to 2 pixels (no
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mgrq_runner.data import load_fashion_mnist
-from mgrq_runner.models import PROXY_ARCH, PROXY_WEIGHTS, create_proxy_model
+from mgrq_runner.models import PROXIES, PROXY_NAME, create_proxy_model
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -51,6 +52,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=PROXY_NAME, choices=sorted(PROXIES))
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -60,8 +62,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="the shipped weights were trained on the CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=PROXY_WEIGHTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: the package's weights of --model")
     args = parser.parse_args()
+    proxy = PROXIES[args.model]
+    out = args.out or proxy.weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +77,7 @@ def main() -> None:
     device = torch.device(args.device)
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     test_images, test_labels = test_images.to(device), test_labels.to(device)
-    model = create_proxy_model(pretrained=False, drop_path_rate=args.drop_path).to(device)
+    model = create_proxy_model(args.model, pretrained=False, drop_path_rate=args.drop_path).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, steps_per_epoch
@@ -106,8 +110,8 @@ def main() -> None:
     top1 = accuracy(model, test_images, test_labels)
     train_seconds = time.time() - start
     print(f"Fashion-MNIST test top-1: {top1:.2f}% ({train_seconds:.0f}s of training)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(args.out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out))
     card = {
         "command": " ".join(["python scripts/train_proxy.py", *map(shlex.quote, sys.argv[1:])]),
         "seed": args.seed,
@@ -116,7 +120,8 @@ def main() -> None:
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "drop_path": args.drop_path,
-        "architecture": PROXY_ARCH,
+        "model": args.model,
+        "architecture": proxy.arch,
         "test_top1": round(top1, 2),
         "train_seconds": round(train_seconds),
         "torch_threads": torch.get_num_threads(),
@@ -126,7 +131,7 @@ def main() -> None:
         "device": str(device),
         "param_count": sum(p.numel() for p in model.parameters()),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":

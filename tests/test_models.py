@@ -20,8 +20,35 @@ def model_cfg(name: str, pretrained: bool = False, checkpoint: str | None = None
 def test_unknown_and_unsupported_names() -> None:
     with pytest.raises(ModelError, match="unknown timm model 'deit_huge_patch99_224"):
         create_model(model_cfg("deit_huge_patch99_224.fb_in1k"))
-    with pytest.raises(ModelError, match="not a ViT, DeiT or Swin"):
+    with pytest.raises(ModelError, match="not supported: architecture ResNet"):
         create_model(model_cfg("resnet50.a1_in1k"))
+    with pytest.raises(ModelError, match="not supported: architecture SwinTransformerV2"):
+        create_model(model_cfg("swinv2_tiny_window8_256.ms_in1k"))
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("vit_small_patch16_384.augreg_in21k_ft_in1k", None),
+        ("vit_base_patch16_siglip_gap_224.webli", None),
+        ("vit_medium_patch16_reg4_gap_256.sbb_in12k_ft_in1k", None),
+        ("vit_base_patch16_clip_quickgelu_224.openai", None),
+        ("vit_so150m_patch16_reg4_map_256.sbb_e250_in12k", "AttentionPoolLatent at attn_pool"),
+    ],
+)
+def test_families_by_structure_not_name(name: str, module: str | None) -> None:
+    """Any timm VisionTransformer made of Block/Attention is accepted, whatever its name; a foreign module is
+    named in the refusal."""
+    if module is None:
+        assert isinstance(create_model(model_cfg(name)), timm.models.vision_transformer.VisionTransformer)
+    else:
+        with pytest.raises(ModelError, match=module):
+            create_model(model_cfg(name))
+
+
+def test_deit3_with_layerscale_is_accepted() -> None:
+    model = create_model(model_cfg("deit3_small_patch16_224.fb_in1k"))
+    assert type(model.blocks[0].ls1).__name__ == "LayerScale"
 
 
 def test_pretrained_without_network_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,7 +74,23 @@ def test_failed_run_keeps_what_it_computed(compose_cfg) -> None:
 
 def test_model_and_data_must_agree(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="predicts 1000 classes but data fashion_mnist has 10"):
-        run(compose_cfg("model.name=deit_tiny_patch16_224.fb_in1k", "model.pretrained=false", "data.num_eval=10"))
+        run(
+            compose_cfg(
+                "model=timm",
+                "data=fashion_mnist",
+                "model.name=deit_tiny_patch16_224.fb_in1k",
+                "model.pretrained=false",
+                "data.num_eval=10",
+            )
+        )
+
+
+@pytest.mark.parametrize("proxy", ["proxy_vit", "proxy_swin"])
+def test_a_timm_name_in_a_proxy_preset_says_model_timm(compose_cfg, proxy: str) -> None:
+    """The proxy presets bring Fashion-MNIST: an ImageNet name there stops before any data is looked for."""
+    cfg = compose_cfg(f"model={proxy}", "model.name=deit_tiny_patch16_224.fb_in1k", "data.root=/data/imagenet")
+    with pytest.raises(ConfigError, match="model=timm model.name=deit_tiny_patch16_224.fb_in1k"):
+        run(cfg)
 
 
 @needs_fashion_mnist
@@ -104,6 +120,8 @@ def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
     units = [row["unit"] for row in results["reconstruction"]]
     assert units == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
     assert {"block", "global", "local"} <= set(results["reconstruction"][1]) and "reconstruct" in results["times"]
+    assert all({"block_soft", "block_hard", "undecided"} <= set(unit) for unit in results["reconstruction"])
+    assert results["threads"] == torch.get_num_threads()
     assert results["status"] == "done"
     curves = json.loads(open(f"{cfg.output_dir}/recon_curves.json").read())
     assert list(curves) == units

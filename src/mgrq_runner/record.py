@@ -94,4 +94,5 @@ def common_fields(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "git_sha": git_revision(),
+        "threads": torch.get_num_threads(),  # CPU float reductions depend on it: keep it fixed across a table
     }

@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mgrq_runner.files import write_text_atomic
-from mgrq_runner.recon.engine import StepCallback
+from mgrq_runner.recon.engine import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, StepCallback, converged
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -107,6 +107,30 @@ def summary_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def convergence_table(units: list[dict[str, Any]]) -> Table:
+    """Per reconstructed unit: block loss on the calibration set before and after hardening, undecided share."""
+    table = Table(
+        title=f"convergence (criterion: hard/soft <= {HARDENING_JUMP_LIMIT}, undecided < {UNDECIDED_LIMIT:.0%})"
+    )
+    for column in ("unit", "block_soft", "block_hard", "hard/soft", "undecided", "converged"):
+        table.add_column(column, justify="right")
+    for unit in units:
+        if "block_hard" not in unit:
+            continue
+        ratio = unit["block_hard"] / max(unit["block_soft"], 1e-12)
+        table.add_row(
+            unit["unit"],
+            f"{unit['block_soft']:.4g}",
+            f"{unit['block_hard']:.4g}",
+            f"{ratio:.3f}",
+            f"{unit['undecided']:.2%}",
+            "yes" if converged(unit) else "NO",
+        )
+    return table
+
+
 def print_summary(results: dict[str, Any]) -> None:
+    if results.get("reconstruction"):
+        console.print(convergence_table(results["reconstruction"]))
     console.print(summary_table(results))
     console.print(f"results: {results['run_dir']}/results.json")

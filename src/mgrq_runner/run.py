@@ -24,7 +24,7 @@ from mgrq_runner.distributed import claim_gpu, evaluate_distributed
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.evaluate import EvalResult, evaluate
 from mgrq_runner.export import export_quantized, load_quantized, read_manifest
-from mgrq_runner.models import create_model
+from mgrq_runner.models import PROXIES, create_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.engine import LossConfig, ReconConfig, reconstruct, reconstruction_summary
@@ -74,6 +74,16 @@ def recon_settings(cfg: DictConfig) -> tuple[ReconConfig, LossConfig] | tuple[No
     return ReconConfig(**OmegaConf.to_container(cfg.method.recon, resolve=True)), LossConfig(**loss)
 
 
+def check_model_preset(cfg: DictConfig) -> None:
+    """Refuses a timm name put into a proxy preset: the proxy presets bring Fashion-MNIST, not ImageNet."""
+    preset, name = cfg.model.get("preset"), str(cfg.model.name)
+    if preset in PROXIES and name not in PROXIES:
+        raise ConfigError(
+            f"model.name={name} replaces the {preset} proxy but keeps its data set ({cfg.data.name}). "
+            f"Fix: mgrq-run model=timm model.name={name} (ImageNet data, data.root= or IMAGENET_ROOT)."
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -86,6 +96,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     interrupted one keeps the reconstruction units it had finished.
     """
     keep_freed_memory()  # reconstruction's big temporaries are reused instead of faulted in afresh
+    if cfg.get("threads") is not None:
+        threads = int(cfg.threads)
+        if threads < 1:
+            raise ConfigError(
+                f"threads={threads} must be >= 1. Fix: threads=1, 2, ... or threads=null (torch's default)."
+            )
+        torch.set_num_threads(threads)
     mode = str(cfg.get("mode", "run"))
     if mode == "eval":
         run_dir = Path(cfg.output_dir)
@@ -99,6 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_model_preset(cfg)
     quantize = bool(cfg.method.quantize)
     quant_config, init_config = quant_settings(cfg) if quantize else (None, None)
     recon_config, loss_config = recon_settings(cfg)

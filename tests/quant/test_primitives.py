@@ -58,6 +58,20 @@ def test_log_sqrt2_codes_exact() -> None:
     assert torch.equal(P.log_sqrt2_fake_quantize(x, delta, 3), values)
 
 
+def test_log_sqrt2_repq_convention_has_one_level_more() -> None:
+    """Strictly 2 bits: levels 2^0, 2^-0.5, 2^-1 and zero. RepQ-ViT's convention adds 2^-1.5 (5 values)."""
+    delta = torch.tensor(1.0)
+    x = torch.tensor([1.0, 2**-0.5, 0.5, 2**-1.5, 2**-2, 0.0])
+    strict = P.log_sqrt2_fake_quantize(x, delta, 2)
+    repq = P.log_sqrt2_fake_quantize(x, delta, 2, extra_level=True)
+    assert torch.allclose(strict, torch.tensor([1.0, 2**-0.5, 0.5, 0.0, 0.0, 0.0]))
+    assert torch.allclose(repq, torch.tensor([1.0, 2**-0.5, 0.5, 2**-1.5, 0.0, 0.0]))
+    assert len(set(strict.tolist())) == 4 and len(set(repq.tolist())) == 5
+    codes = P.log_sqrt2_quantize(x, delta, 2, extra_level=True)
+    assert codes.tolist() == [0, 1, 2, 3, 4, 4]
+    assert torch.equal(P.log_sqrt2_dequantize(codes, delta, 2, extra_level=True), repq)
+
+
 def test_error_decreases_with_bits() -> None:
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     uniform_errors, log_errors = [], []

@@ -7,13 +7,14 @@ import torch
 
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.models import create_proxy_model
-from mgrq_runner.quant.api import QuantConfig, quantize_
+from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.engine import (
     LossConfig,
     ReconConfig,
     UnitTargets,
     capture_points,
+    converged,
     fp_outputs,
     loss_terms,
     prepare_unit,
@@ -125,3 +126,20 @@ def test_same_seed_same_result_on_the_same_device(proxy) -> None:
     first = reconstructed_logits(0)
     assert torch.equal(first, reconstructed_logits(0))
     assert not torch.equal(first, reconstructed_logits(1))
+
+
+def test_convergence_report_measures_the_hardened_unit(proxy) -> None:
+    """block_hard is the hardened unit's block loss on the calibration set; undecided counts 0.01 < h(V) < 0.99."""
+    fp_model, quant_model, images = copy.deepcopy(proxy)
+    torch.manual_seed(0)
+    reports = reconstruct(quant_model, fp_model, images, ReconConfig(iters=20, batch_size=16), LossConfig(), seed=0)
+    embed = model_units(quant_model)[0]
+    with torch.no_grad():
+        error = (embed(images) - model_units(fp_model)[0](images)).pow(2).sum(-1).mean().item()
+    assert reports[0].final["block_hard"] == pytest.approx(error, rel=1e-4)
+    soft = torch.cat([layer.rounding.soft_rounding().flatten() for _, layer in quant_layers(embed.module)])
+    assert reports[0].final["undecided"] == pytest.approx(((soft > 0.01) & (soft < 0.99)).float().mean().item())
+    # 20 iterations cannot decide most roundings: the report must say so.
+    assert all(r.final["undecided"] > 0.02 for r in reports) and not all(
+        converged({"unit": r.name, **r.final}) for r in reports
+    )

@@ -14,7 +14,7 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.quant.attention import QuantViTAttention, QuantWindowAttention
+from mgrq_runner.quant.attention import SOFTMAX_QUANTIZERS, QuantViTAttention, QuantWindowAttention
 from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, _QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
@@ -29,7 +29,8 @@ class QuantConfig:
         w_bits: weight bits (every Linear, the patch-embedding conv, the head).
         a_bits: activation bits (Linear inputs and both operands of both attention matmuls).
         input_bits: bits of the image entering the patch-embedding conv.
-        softmax_quantizer: ``log_sqrt2`` or ``uniform`` for the post-softmax operand.
+        softmax_quantizer: the post-softmax operand's quantizer: ``log_sqrt2`` (strictly b bits), ``log_sqrt2_repq``
+            (RepQ-ViT's convention: 2**b levels plus zero) or ``uniform``.
     """
 
     w_bits: int = 4
@@ -45,8 +46,10 @@ class QuantConfig:
                     f"quant.{name}={bits!r} is outside {MIN_BITS}..{MAX_BITS}. "
                     f"Fix: pick an integer from {MIN_BITS} to {MAX_BITS} (e.g. quant=w4a4)."
                 )
-        if self.softmax_quantizer not in ("log_sqrt2", "uniform"):
-            raise ConfigError(f"softmax quantizer {self.softmax_quantizer!r} is unknown. Fix: log_sqrt2 or uniform.")
+        if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise ConfigError(
+                f"method.init.softmax_quantizer={self.softmax_quantizer!r} is unknown. Fix: one of {SOFTMAX_QUANTIZERS}."
+            )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

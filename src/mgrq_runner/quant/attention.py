@@ -16,12 +16,16 @@ from mgrq_runner.quant.modules import QuantLinear, QuantMatMul
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
 
+# log_sqrt2_repq: RepQ-ViT's own convention, 2**bits levels plus zero (one value more than the bit width holds).
+SOFTMAX_QUANTIZERS = ("log_sqrt2", "log_sqrt2_repq", "uniform")
+
+
 def _softmax_quantizer(kind: str, bits: int) -> UniformQuantizer | LogSqrt2Quantizer:
-    if kind == "log_sqrt2":
-        return LogSqrt2Quantizer(bits)
+    if kind in ("log_sqrt2", "log_sqrt2_repq"):
+        return LogSqrt2Quantizer(bits, extra_level=kind == "log_sqrt2_repq")
     if kind == "uniform":
         return UniformQuantizer(bits)
-    raise ValueError(f"unknown softmax quantizer {kind!r} (log_sqrt2 or uniform)")
+    raise ValueError(f"unknown softmax quantizer {kind!r} ({', '.join(SOFTMAX_QUANTIZERS)})")
 
 
 class QuantViTAttention(nn.Module):

@@ -75,7 +75,9 @@ def calibrate(
         assert observer is not None
         rows = observer.rows().to(device)
         if isinstance(quantizer, LogSqrt2Quantizer):
-            quantizer.set_delta(search_log_sqrt2_delta(rows, quantizer.bits, percentiles, observer.max))
+            quantizer.set_delta(
+                search_log_sqrt2_delta(rows, quantizer.bits, percentiles, observer.max, quantizer.extra_level)
+            )
         elif id(quantizer) in reparam_targets:
             lo, hi = search_uniform_range(rows, quantizer.bits, percentiles, observer.min, observer.max)
             norm, linear = reparam_targets[id(quantizer)]

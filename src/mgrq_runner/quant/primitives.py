@@ -58,26 +58,39 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (codes - zero_point) * scale
 
 
-def log_sqrt2_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes ``k`` of non-negative ``x`` on the levels ``delta * 2**(-k/2)``; code ``2**bits - 1`` means zero."""
+def log_sqrt2_zero_code(bits: int, extra_level: bool = False) -> int:
+    """The log-sqrt(2) code meaning zero: codes below it are the levels ``delta * 2**(-k/2)``.
+
+    Strictly ``bits`` bits: ``2**bits - 1`` levels plus zero. ``extra_level`` is RepQ-ViT's convention,
+    ``2**bits`` levels plus zero (one value more than ``bits`` bits hold), for comparing with its numbers.
+    """
+    return qmax(bits) + int(extra_level)
+
+
+def log_sqrt2_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int, extra_level: bool = False) -> torch.Tensor:
+    """Codes ``k`` of non-negative ``x`` on the levels ``delta * 2**(-k/2)``; ``log_sqrt2_zero_code`` means zero."""
+    zero = float(log_sqrt2_zero_code(bits, extra_level))
     codes = torch.round(-2.0 * torch.log2(x / delta))
-    return torch.clamp(torch.nan_to_num(codes, nan=float(qmax(bits)), posinf=float(qmax(bits))), 0, qmax(bits))
+    return torch.clamp(torch.nan_to_num(codes, nan=zero, posinf=zero), 0, zero)
 
 
-def log_sqrt2_dequantize(codes: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+def log_sqrt2_dequantize(
+    codes: torch.Tensor, delta: torch.Tensor, bits: int, extra_level: bool = False
+) -> torch.Tensor:
     """Real values of log-sqrt(2) ``codes``."""
     values = delta * torch.exp2(-codes / 2.0)
-    return torch.where(codes >= qmax(bits), torch.zeros_like(values), values)
+    return torch.where(codes >= log_sqrt2_zero_code(bits, extra_level), torch.zeros_like(values), values)
 
 
-def log_sqrt2_fake_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+def log_sqrt2_fake_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int, extra_level: bool = False) -> torch.Tensor:
     """``log_sqrt2_dequantize(log_sqrt2_quantize(x))``, computed in place where no gradient needs the steps.
 
     Gradients: ``delta`` gets the level values; ``x`` gets a straight-through gradient.
     """
     with torch.no_grad():
         levels = torch.log2(x).sub_(torch.log2(delta)).mul_(-2.0).round_().clamp_(min=0)
-        levels.masked_fill_(levels >= qmax(bits), float("inf")).mul_(-0.5).exp2_()  # 2**(-k/2); zero code -> 0
+        zero = log_sqrt2_zero_code(bits, extra_level)
+        levels.masked_fill_(levels >= zero, float("inf")).mul_(-0.5).exp2_()  # 2**(-k/2); zero code -> 0
     out = levels * delta
     return out + (x - x.detach()) if x.requires_grad and torch.is_grad_enabled() else out
 
@@ -198,7 +211,11 @@ def search_uniform_range(
 
 
 def search_log_sqrt2_delta(
-    samples: torch.Tensor, bits: int, percentiles: Sequence[float], sample_max: torch.Tensor | None = None
+    samples: torch.Tensor,
+    bits: int,
+    percentiles: Sequence[float],
+    sample_max: torch.Tensor | None = None,
+    extra_level: bool = False,
 ) -> torch.Tensor:
     """The log-sqrt(2) ``delta`` (largest level) minimising squared error, among percentile candidates."""
     flat = samples.flatten()
@@ -206,5 +223,7 @@ def search_log_sqrt2_delta(
     if sample_max is not None:
         candidates = torch.where(torch.tensor(percentiles, device=flat.device) >= 1.0, sample_max.to(flat), candidates)
     candidates = torch.clamp(candidates, min=SCALE_EPS)
-    errors = torch.stack([(log_sqrt2_fake_quantize(flat, d, bits) - flat).pow(2).mean() for d in candidates])
+    errors = torch.stack(
+        [(log_sqrt2_fake_quantize(flat, d, bits, extra_level) - flat).pow(2).mean() for d in candidates]
+    )
     return candidates[errors.argmin()]

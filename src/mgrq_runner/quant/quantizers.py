@@ -113,11 +113,17 @@ class UniformQuantizer(nn.Module):
 
 
 class LogSqrt2Quantizer(nn.Module):
-    """Log-sqrt(2) fake-quantizer for non-negative inputs (post-softmax attention probabilities)."""
+    """Log-sqrt(2) fake-quantizer for non-negative inputs (post-softmax attention probabilities).
 
-    def __init__(self, bits: int) -> None:
+    Args:
+        bits: bit width: ``2**bits - 1`` levels plus zero.
+        extra_level: RepQ-ViT's convention instead, ``2**bits`` levels plus zero (one value more than ``bits``).
+    """
+
+    def __init__(self, bits: int, extra_level: bool = False) -> None:
         super().__init__()
         self.bits = bits
+        self.extra_level = extra_level
         self.enabled = False
         self.drop_prob = 0.0
         self.observer: Observer | None = None
@@ -131,7 +137,7 @@ class LogSqrt2Quantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
-        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits), self.drop_prob)
+        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits, self.extra_level), self.drop_prob)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, enabled={self.enabled}"
+        return f"bits={self.bits}, extra_level={self.extra_level}, enabled={self.enabled}"

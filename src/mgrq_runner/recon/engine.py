@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 StepCallback = Callable[[str, int, dict[str, float], int], None]  # (unit name, step, loss terms, total steps)
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
+HARDENING_JUMP_LIMIT = 1.2  # block_hard / block_soft of a converged unit
+UNDECIDED_LIMIT = 0.02  # share of rounding variables still between 0.01 and 0.99 at the end
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class LossConfig:
     global_weight: float = 1.0
     local_weight: float = 1.0
     round_weight: float = 0.01
-    fusion: str = "normalized"
+    fusion: str = "block_mean"
     warmup: float = 0.0
     global_distance: str = "kl"
     temperature: float = 4.0
@@ -119,6 +121,16 @@ def capture_points(unit: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Mod
             if "attn_v" in names:
                 points.append((module, "output"))
     return points
+
+
+def per_image(tensors: list[torch.Tensor], images: int) -> list[torch.Tensor]:
+    """Views captured tensors as ``[images, -1, last dim]``, so that targets can be indexed by image.
+
+    Swin's window attention runs on ``[images x windows, ...]`` (image-major): grouping by image keeps each
+    image's windows together; a ViT tensor keeps its layout. The last dim (channels) is what IBLS's distances
+    reduce over.
+    """
+    return [t.reshape(images, -1, t.shape[-1]) for t in tensors]
 
 
 @contextmanager
@@ -236,8 +248,9 @@ def fp_outputs(
     per_batch: list[list[torch.Tensor]] = []
     with torch.no_grad(), _capture(points) as captured:
         for i in range(0, x_fp.shape[0], batch):
-            outputs.append(unit(x_fp[i : i + batch]))
-            per_batch.append(list(captured))
+            chunk = x_fp[i : i + batch]
+            outputs.append(unit(chunk))
+            per_batch.append(per_image(captured, chunk.shape[0]))
             captured.clear()
     set_unit_quantization(unit.module, True)
     return torch.cat(outputs), [torch.cat(layer) for layer in zip(*per_batch, strict=True)]
@@ -254,7 +267,7 @@ class UnitTargets:
     """What a unit is optimised towards, for every calibration image (indexed by mini-batch)."""
 
     output: torch.Tensor  # O: the FP unit's output on X_fp
-    layers: list[torch.Tensor]  # FP outputs at the IBLS capture points
+    layers: list[torch.Tensor]  # FP outputs at the IBLS capture points, per image (``per_image``)
     logits: torch.Tensor | None  # FP logits (or pre-head features) for EBGS; None when it is off
 
 
@@ -313,7 +326,8 @@ def loss_terms(
         remainder = _remainder(fp_units, index + 1, output, losses.global_distance == "mse_feature")
         terms["global"] = global_loss(remainder, targets.logits[idx], losses.global_distance, losses.temperature)
     if points:
-        terms["local"] = local_loss(captured, [t[idx] for t in targets.layers], losses.local_distance)
+        layers = per_image(captured, inputs.shape[0])
+        terms["local"] = local_loss(layers, [t[idx] for t in targets.layers], losses.local_distance)
     return terms
 
 
@@ -367,8 +381,51 @@ def _optimize_unit(
         if on_step is not None and (step % 10 == 0 or step == recon.iters - 1):
             on_step(unit.name, step, {k: v.item() for k, v in terms.items()}, recon.iters)
 
+    final = {k: v.item() for k, v in terms.items()}
+    return final | _harden_and_measure(unit, roundings, scales, x_q, targets.output, recon.batch_size)
+
+
+def _harden_and_measure(
+    unit: Unit,
+    roundings: list[AdaRound],
+    scales: list[nn.Parameter],
+    x_q: torch.Tensor,
+    target: torch.Tensor,
+    batch: int,
+) -> dict[str, float]:
+    """Hardens the unit and reports its convergence (method.md section 5).
+
+    ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized input, no QDrop)
+    just before and just after hardening; ``undecided`` is the fraction of rounding variables with
+    ``0.01 < h(V) < 0.99`` at the end. A large jump or many undecided variables mean the budget was too short.
+    """
+    with torch.no_grad():
+        soft = torch.cat([r.soft_rounding().flatten() for r in roundings])
+        undecided = ((soft > 0.01) & (soft < 0.99)).float().mean().item()
+    for _, quantizer in activation_quantizers(unit.module):
+        quantizer.drop_prob = 0.0
+    block_soft = calibration_block_loss(unit, x_q, target, batch)
     harden_unit(unit.module, roundings, scales)
-    return {k: v.item() for k, v in terms.items()}
+    block_hard = calibration_block_loss(unit, x_q, target, batch)
+    return {"block_soft": block_soft, "block_hard": block_hard, "undecided": undecided}
+
+
+def calibration_block_loss(unit: Unit, inputs: torch.Tensor, target: torch.Tensor, batch: int) -> float:
+    """The block loss of ``unit`` on all of ``inputs`` against ``target`` (a mean over images)."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            chunk = inputs[i : i + batch]
+            total += block_loss(unit(chunk), target[i : i + batch]).item() * chunk.shape[0]
+    return total / inputs.shape[0]
+
+
+def converged(unit_summary: dict[str, Any]) -> bool:
+    """The convergence criterion on one unit: a hardening jump of at most 20 %, under 2 % undecided."""
+    if "block_hard" not in unit_summary:
+        return True  # nothing to optimise in this unit
+    jump_ok = unit_summary["block_hard"] <= HARDENING_JUMP_LIMIT * unit_summary["block_soft"]
+    return jump_ok and unit_summary["undecided"] < UNDECIDED_LIMIT
 
 
 def reconstruction_summary(reports: list[UnitReport]) -> list[dict[str, Any]]:

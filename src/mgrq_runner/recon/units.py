@@ -31,11 +31,12 @@ class _ViTEmbed(nn.Module):
 
 
 class _Head(nn.Module):
-    """Final norm, pooling and classifier of a timm ViT or Swin."""
+    """Final norm, pooling and classifier (and DeiT's distillation classifier) of a timm ViT or Swin."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.head = model.head  # registered: the classifier's quantized Linear belongs to this unit
+        self.head_dist = getattr(model, "head_dist", None)  # a distilled DeiT's second classifier, or None
         self.model = [model]
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
