@@ -48,7 +48,8 @@ class QuantConfig:
                 )
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise ConfigError(
-                f"method.init.softmax_quantizer={self.softmax_quantizer!r} is unknown. Fix: one of {SOFTMAX_QUANTIZERS}."
+                f"method.init.softmax_quantizer={self.softmax_quantizer!r} is unknown. "
+                f"Fix: one of {SOFTMAX_QUANTIZERS}."
             )
 
 

@@ -15,7 +15,6 @@ from torch import nn
 from mgrq_runner.quant.modules import QuantLinear, QuantMatMul
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
-
 # log_sqrt2_repq: RepQ-ViT's own convention, 2**bits levels plus zero (one value more than the bit width holds).
 SOFTMAX_QUANTIZERS = ("log_sqrt2", "log_sqrt2_repq", "uniform")
 
