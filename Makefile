@@ -71,6 +71,7 @@ optuna-loss: setup ## Optuna search of the loss weights on held-out train images
 proxy-loss-grid: setup ## the loss-weight grid on the proxy at W3A3 (CPU, about 15 minutes)
 	$(call experiment,proxy_loss_grid,)
 
-proxy-table: setup ## every method on the proxy, W4A4/W3A3/W2A4 x 3 seeds (CPU, ~1 h), table and plots into docs/proxy
+proxy-table: setup ## every method on both proxies (ViT: W4A4/W3A3/W2A4, Swin: W4A4/W3A3) x 3 seeds (CPU, hours), into docs/proxy
 	$(call experiment,proxy_table,)
-	$(PY) scripts/collect.py $(EXP)/proxy_table --out docs/proxy --plots
+	$(call experiment,proxy_swin_table,)
+	$(PY) scripts/collect.py $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots

@@ -7,7 +7,7 @@ import pytest
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.run import quant_settings, recon_settings
 
-MODELS = ["deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "proxy_vit"]
+MODELS = ["deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "proxy_vit", "proxy_swin"]
 QUANTS = ["w3a3", "w4a4", "w6a6", "w8a8"]
 METHODS = ["fp", "minmax", "repq", "brecq", "qdrop", "mgrq"]
 
@@ -16,13 +16,14 @@ METHODS = ["fp", "minmax", "repq", "brecq", "qdrop", "mgrq"]
 def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str) -> None:
     cfg = compose_cfg(f"model={model}", f"quant={quant}", f"method={method}")
     assert cfg.quant.w_bits == cfg.quant.a_bits == int(quant[1])
-    assert cfg.data.name == ("fashion_mnist" if model == "proxy_vit" else "imagenet")
-    assert cfg.model.name == "proxy_vit" or "." in cfg.model.name, "ImageNet presets pin a weight tag"
+    proxy = model.startswith("proxy_")
+    assert cfg.data.name == ("fashion_mnist" if proxy else "imagenet")
+    assert cfg.model.name == model if proxy else "." in cfg.model.name, "ImageNet presets pin a weight tag"
     if method != "fp":
         quant_settings(cfg)
     recon, losses = recon_settings(cfg)
     if method in ("brecq", "qdrop", "mgrq"):
-        assert recon.iters == (500 if model == "proxy_vit" else 20_000)
+        assert recon.iters == (500 if proxy else 20_000)
         assert recon.quant_prob == (1.0 if method == "brecq" else 0.5)
         assert (losses.global_weight, losses.local_weight) == ((1.0, 1.0) if method == "mgrq" else (0.0, 0.0))
     else:

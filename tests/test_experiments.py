@@ -65,12 +65,18 @@ def test_proxy_experiments() -> None:
     assert {(job[2], job[3]) for job in jobs} == {(4, 4), (3, 3), (2, 4)} and {job[-1] for job in jobs} == {0, 1, 2}
     rows = {(job[1], job[4], job[5]) for job in jobs}
     assert ("mgrq", 0.0, 1.0) in rows and ("mgrq", 1.0, 0.0) in rows and ("brecq", 0.0, 0.0) in rows and len(rows) == 8
+    swin = [job_summary("proxy_swin_table", job) for job in expand("proxy_swin_table")]
+    assert len(swin) == 48 and len(set(swin)) == 48 and {job[0] for job in swin} == {"proxy_swin"}
+    assert {(job[2], job[3]) for job in swin} == {(4, 4), (3, 3)}
+    for experiment in ("proxy_table", "proxy_swin_table"):  # a table keeps the thread count fixed
+        assert _compose(f"+experiment={experiment}").threads == 1
     grid = [job_summary("proxy_loss_grid", job) for job in expand("proxy_loss_grid")]
     assert len(grid) == 9 and all(job[:4] == ("proxy_vit", "mgrq", 3, 3) for job in grid)
 
 
 def test_every_experiment_is_a_multirun_and_a_user_override_wins() -> None:
-    for experiment in ("table_w4a4", "table_w3a3", "table_w6a6", "ablation", "loss_grid", "proxy_table"):
+    experiments = ("table_w4a4", "table_w3a3", "table_w6a6", "ablation", "loss_grid", "proxy_table", "proxy_swin_table")
+    for experiment in experiments:
         assert str(_compose(f"+experiment={experiment}", hydra=True).hydra.mode) == "RunMode.MULTIRUN"
     # A sweep narrowed on the command line, as the Makefile and the slow test do it.
     assert _compose("+experiment=proxy_table", "quant=w2a4").quant.w_bits == 2
