@@ -143,8 +143,10 @@ def test_tables(runs: Path) -> None:
         "QDrop, APHQ-ViT re-run (published)",
         "APHQ-ViT (published)",
         "FIMA-Q (published)",
+        "GLF-Q (published)",
     ]
     assert list(w4["FP"]) == ["DeiT-S", "proxy_vit", "s/run"]
+    assert w4["GLF-Q (published)"]["DeiT-S"] == "77.34"
 
     n = len(REPQ_DEIT_S)
     mean = sum(REPQ_DEIT_S) / n
@@ -243,3 +245,22 @@ def test_repeated_runs_and_heldout_runs_are_flagged(tmp_path: Path) -> None:
     tables = parse_markdown(text)
     assert tables["W4A4"]["repq"]["proxy_vit"] == "89.26 ± 0.00"  # the held-out score stays out of it
     assert tables["W4A4 (held-out train)"]["repq"]["proxy_vit"] == "95.00"
+
+
+def test_convergence_is_counted_and_the_missing_units_named(tmp_path: Path) -> None:
+    good = {"unit": "blocks.0", "block_soft": 1.0, "block_hard": 1.1, "undecided": 0.001}
+    jumpy = {"unit": "blocks.1", "block_soft": 1.0, "block_hard": 1.3, "undecided": 0.001}
+    undecided = {"unit": "head", "block_soft": 1.0, "block_hard": 1.0, "undecided": 0.05}
+    for seed, units in enumerate([[good], [good, jumpy, undecided]]):
+        path = write_run(tmp_path, "proxy_vit", "qdrop", 4, seed, 90.0) / "results.json"
+        results = json.loads(path.read_text())
+        path.write_text(json.dumps({**results, "reconstruction": [{"unit": "embed"}, *units]}))
+    write_run(tmp_path, "proxy_vit", "repq", 4, 0, 89.0)  # no reconstruction: not counted
+    records = load_runs([tmp_path])
+    assert sorted(r.unconverged for r in records if r.unconverged is not None) == [[], ["blocks.1", "head"]]
+    text = summary_markdown(records)
+    assert "1 of 2 reconstructed runs met it on every unit" in text
+    assert "W4A4 qdrop proxy_vit seed 1: blocks.1, head" in text
+    write_summary(records, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
+    assert sorted(row["unconverged_units"] for row in rows) == ["", "blocks.1 head", "none"]

@@ -22,7 +22,8 @@ from rich.progress import (
 from rich.table import Table
 
 from mgrq_runner.files import write_text_atomic
-from mgrq_runner.recon.engine import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, StepCallback, converged
+from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, converged
+from mgrq_runner.recon.engine import StepCallback
 
 T = TypeVar("T")
 console = Console(stderr=True)

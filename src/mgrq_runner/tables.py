@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, unconverged_units
+
 RESULTS_FILE = "results.json"
 MODEL_ORDER = ["vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"]
 MODEL_NAMES = {
@@ -36,7 +38,8 @@ UNKNOWN = "?"
 NO_VALUE = "—"
 
 # Published ImageNet top-1 (%) from /work/shared/method.md: section 8 (W4A4 table, the Swin-T RepQ-ViT W4A4 number
-# given under it, the W3A3 FIMA-Q line) and section 7 (the FP32 references of the pinned timm weights).
+# given under it, the W3A3 FIMA-Q and LS-ViT lines, GLF-Q's mean of 3 seeds at W3A3 and W4A4) and section 7 (the FP32
+# references of the pinned timm weights).
 # Keyed by setting; the "FP" entry is shown in every table that has ImageNet model columns.
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     "FP": {
@@ -89,6 +92,15 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
             "swin_s": 81.82,
             "swin_b": 83.60,
         },
+        "GLF-Q (published)": {
+            "vit_s": 77.82,
+            "vit_b": 83.22,
+            "deit_t": 67.37,
+            "deit_s": 77.34,
+            "deit_b": 80.53,
+            "swin_s": 82.01,
+            "swin_b": 83.80,
+        },
     },
     "W3A3": {
         "FIMA-Q (published)": {
@@ -99,6 +111,24 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
             "deit_b": 76.54,
             "swin_s": 77.26,
             "swin_b": 78.82,
+        },
+        "LS-ViT (published)": {
+            "vit_s": 64.10,
+            "vit_b": 77.65,
+            "deit_t": 55.72,
+            "deit_s": 69.41,
+            "deit_b": 76.57,
+            "swin_s": 77.39,
+            "swin_b": 79.40,
+        },
+        "GLF-Q (published)": {
+            "vit_s": 67.40,
+            "vit_b": 78.18,
+            "deit_t": 56.48,
+            "deit_s": 71.55,
+            "deit_b": 77.20,
+            "swin_s": 78.10,
+            "swin_b": 80.45,
         },
     },
 }
@@ -129,6 +159,7 @@ class Record:
     finished: str | None = None
     error: str | None = None
     provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
+    unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
 
     @property
     def done(self) -> bool:
@@ -248,6 +279,7 @@ def load_run(path: str | Path) -> Record:
     provenance = ", ".join(f"{k} {versions[k]}" for k in ("torch", "timm", "mgrq_runner") if k in versions)
     provenance += f" @ {results['git_sha']}" if results.get("git_sha") else ""
     model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
+    reconstruction = results.get("reconstruction")
     return Record(
         model=str(model),
         method=method_label(method, global_weight, local_weight),
@@ -267,6 +299,7 @@ def load_run(path: str | Path) -> Record:
         finished=results.get("finished"),
         error=None if error is None else str(error),
         provenance=provenance or None,
+        unconverged=unconverged_units(reconstruction) if isinstance(reconstruction, list) else None,
     )
 
 
@@ -401,6 +434,16 @@ def summary_markdown(records: Sequence[Record]) -> str:
     provenance = sorted({r.provenance for r in records if r.provenance})
     if provenance:
         parts.append("Runs made with: " + "; ".join(f"`{p}`" for p in provenance) + "\n")
+    reconstructed = [r for r in records if r.done and r.unconverged is not None]
+    if reconstructed:
+        missed = [r for r in reconstructed if r.unconverged]
+        parts.append(
+            f"Convergence (block_hard <= {HARDENING_JUMP_LIMIT} block_soft, under {UNDECIDED_LIMIT:.0%} undecided): "
+            f"{len(reconstructed) - len(missed)} of {len(reconstructed)} reconstructed runs met it on every unit.\n"
+            + "".join(
+                f"- {r.setting} {r.method} {r.model} seed {r.seed}: {', '.join(r.unconverged or [])}\n" for r in missed
+            )
+        )
     problems = _problems(records)
     if problems:
         parts.append("## Failed or incomplete runs\n\n" + "\n".join(problems) + "\n")
@@ -430,8 +473,9 @@ def write_summary(records: Sequence[Record], out_dir: str | Path, header: str = 
     columns = ["setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir"]
     with paths[2].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*columns, "error"])
+        writer.writerow([*columns, "unconverged_units", "error"])
         for r in sorted(records, key=_run_key):
             row = {**vars(r), "seconds": round(r.seconds, 3)}
-            writer.writerow([("" if row[c] is None else row[c]) for c in columns] + [r.error or ""])
+            unconverged = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
+            writer.writerow([("" if row[c] is None else row[c]) for c in columns] + [unconverged, r.error or ""])
     return paths

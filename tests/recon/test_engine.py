@@ -9,12 +9,12 @@ from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.recon.convergence import converged
 from mgrq_runner.recon.engine import (
     LossConfig,
     ReconConfig,
     UnitTargets,
     capture_points,
-    converged,
     fp_outputs,
     loss_terms,
     prepare_unit,

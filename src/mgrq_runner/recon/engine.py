@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 StepCallback = Callable[[str, int, dict[str, float], int], None]  # (unit name, step, loss terms, total steps)
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
-HARDENING_JUMP_LIMIT = 1.2  # block_hard / block_soft of a converged unit
-UNDECIDED_LIMIT = 0.02  # share of rounding variables still between 0.01 and 0.99 at the end
 
 
 @dataclass(frozen=True)
@@ -418,14 +416,6 @@ def calibration_block_loss(unit: Unit, inputs: torch.Tensor, target: torch.Tenso
             chunk = inputs[i : i + batch]
             total += block_loss(unit(chunk), target[i : i + batch]).item() * chunk.shape[0]
     return total / inputs.shape[0]
-
-
-def converged(unit_summary: dict[str, Any]) -> bool:
-    """The convergence criterion on one unit: a hardening jump of at most 20 %, under 2 % undecided."""
-    if "block_hard" not in unit_summary:
-        return True  # nothing to optimise in this unit
-    jump_ok = unit_summary["block_hard"] <= HARDENING_JUMP_LIMIT * unit_summary["block_soft"]
-    return jump_ok and unit_summary["undecided"] < UNDECIDED_LIMIT
 
 
 def reconstruction_summary(reports: list[UnitReport]) -> list[dict[str, Any]]:
