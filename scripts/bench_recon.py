@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -23,18 +24,9 @@ import torch
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon.adaround import rounding_beta
-from mgrq_runner.recon.engine import (
-    LossConfig,
-    ReconConfig,
-    UnitTargets,
-    capture_points,
-    fp_outputs,
-    loss_terms,
-    prepare_unit,
-    qdrop_input,
-)
-from mgrq_runner.recon.losses import LossFusion
+from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer
+from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
+from mgrq_runner.recon.engine import _remainder
 from mgrq_runner.recon.units import model_units, run_units
 
 
@@ -77,7 +69,6 @@ def main() -> None:
     with torch.no_grad():
         x_fp = run_units(fp_units[:index], images)
         logits = fp_model(images)
-    idx = torch.arange(args.batch_size, device=device)
 
     fp_block = copy.deepcopy(fp_unit.module).requires_grad_(True)
     fp_optimizer = torch.optim.Adam(fp_block.parameters(), lr=1e-6)
@@ -98,30 +89,15 @@ def main() -> None:
         loss.backward()
 
     def recon_step(losses: LossConfig) -> Callable[[], None]:
-        module = copy.deepcopy(unit.module)
-        local_unit = type(unit)(unit.name, module)
-        points = capture_points(module, losses.local_layers) if losses.local_weight > 0 else []
+        """One step of the engine's own unit optimiser (half-way through a 1000-step budget: beta annealing)."""
+        local_unit = type(unit)(unit.name, copy.deepcopy(unit.module))
+        points = capture_points(local_unit.module, losses.local_layers) if losses.local_weight > 0 else []
         output, layers = fp_outputs(local_unit, x_fp, points, args.batch_size)
         targets = UnitTargets(output, layers, logits if losses.global_weight > 0 else None)
-        recon = ReconConfig(iters=1000)
-        roundings, scales = prepare_unit(module, recon)
-        weight_optimizer = torch.optim.Adam([r.variable for r in roundings], lr=recon.weight_lr)
-        scale_optimizer = torch.optim.Adam(scales, lr=recon.scale_lr)
-        fusion = LossFusion(losses.global_weight, losses.local_weight)
+        remainder = functools.partial(_remainder, fp_units[index + 1 :], False)
+        optimizer = UnitOptimizer(local_unit, remainder, targets, points, ReconConfig(iters=1000), losses)
         generator = torch.Generator(device=device).manual_seed(0)
-        beta = rounding_beta(500, 1000)
-
-        def step() -> None:
-            inputs = qdrop_input(x_fp, x_fp, recon.quant_prob, generator)
-            terms = loss_terms(local_unit, index, fp_units, inputs, idx, targets, points, losses, True)
-            terms["rounding"] = torch.stack([r.regularizer(beta) for r in roundings]).sum()
-            weight_optimizer.zero_grad()
-            scale_optimizer.zero_grad()
-            fusion(terms, 0.5).backward()
-            weight_optimizer.step()
-            scale_optimizer.step()
-
-        return step
+        return lambda: optimizer.step(500, x_fp, x_fp, generator)
 
     fp_ms = median_ms(fp_step, args.iters, device)
     qdrop_ms = median_ms(recon_step(LossConfig(global_weight=0, local_weight=0)), args.iters, device)

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from mgrq_runner.rundir import RECON_CURVES, results_path
 from mgrq_runner.tables import Record, find_runs, load_run, write_summary
 
 
@@ -24,10 +25,10 @@ def note(message: str) -> None:
 
 def latest_with_curves(records: list[Record]) -> Record | None:
     """The most recent finished run (by its finish time, then file time) that has recon_curves.json."""
-    candidates = [r for r in records if r.done and (Path(r.run_dir) / "recon_curves.json").is_file()]
+    candidates = [r for r in records if r.done and (Path(r.run_dir) / RECON_CURVES).is_file()]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (r.finished or "", os.path.getmtime(Path(r.run_dir) / "results.json")))
+    return max(candidates, key=lambda r: (r.finished or "", os.path.getmtime(results_path(r.run_dir))))
 
 
 def make_plots(records: list[Record], out: Path) -> None:

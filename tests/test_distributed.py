@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from mgrq_runner import distributed
+from mgrq_runner import devices
 from mgrq_runner.data import create_loader, load_fashion_mnist
-from mgrq_runner.distributed import DistributedEvalError, claim_gpu, evaluate_distributed, shard_ranges
+from mgrq_runner.devices import claim_gpu
+from mgrq_runner.distributed import DistributedEvalError, evaluate_distributed, shard_ranges
 from mgrq_runner.errors import ConfigError, NumericalError
 from mgrq_runner.evaluate import evaluate
 from mgrq_runner.models import create_proxy_model
@@ -92,13 +93,13 @@ def test_worker_errors_surface_in_the_parent() -> None:
 def test_claim_gpu_skips_claimed_gpus_and_keeps_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(distributed, "_claimed_gpu", None)
+    monkeypatch.setattr(devices, "_claimed_gpu", None)
     with open(tmp_path / "gpu-0.lock", "a+") as other:  # another job holds GPU 0
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert claim_gpu(tmp_path) == "cuda:1"
         assert claim_gpu(tmp_path) == "cuda:1"
-        distributed._claimed_gpu[1].close()
-        monkeypatch.setattr(distributed, "_claimed_gpu", None)
+        devices._claimed_gpu[1].close()
+        monkeypatch.setattr(devices, "_claimed_gpu", None)
         with open(tmp_path / "gpu-1.lock", "a+") as third:
             fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
             with pytest.raises(ConfigError, match="all 2 visible GPUs are claimed"):

@@ -17,12 +17,13 @@ import mgrq_runner.run as run_module
 from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.export import MANIFEST_FILE, WEIGHTS_FILE, export_quantized, load_quantized
+from mgrq_runner.export import export_quantized, load_quantized
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.adaround import AdaRound
 from mgrq_runner.run import run
+from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 SMOKE = ("debug=smoke", "progress=false", "export=true")
@@ -45,17 +46,9 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module", params=list(METHODS))
 def exported(request, tmp_path_factory) -> dict[str, Any]:
     """One exporting run per method; keeps the run's final in-memory quantized model."""
-    captured: dict[str, nn.Module] = {}
-
-    def capture(model: nn.Module, run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-        captured["model"] = model
-        return export_quantized(model, run_dir, info)
-
     run_dir = tmp_path_factory.mktemp(request.param) / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "export_quantized", capture)
-        results = run(_compose(run_dir, *SMOKE, *METHODS[request.param]))
-    return {"name": request.param, "run_dir": run_dir, "results": results, "model": captured["model"]}
+    results, objects = run(_compose(run_dir, *SMOKE, *METHODS[request.param]))
+    return {"name": request.param, "run_dir": run_dir, "results": results, "model": objects["quant_model"]}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +66,8 @@ def test_reloaded_model_gives_identical_logits(exported, test_images) -> None:
 
 @needs_fashion_mnist
 def test_codes_are_integers_in_range(exported) -> None:
-    tensors = load_file(str(exported["run_dir"] / WEIGHTS_FILE))
-    manifest = json.loads((exported["run_dir"] / MANIFEST_FILE).read_text())
+    tensors = load_file(str(exported["run_dir"] / EXPORT_WEIGHTS))
+    manifest = json.loads((exported["run_dir"] / EXPORT_MANIFEST).read_text())
     assert manifest["method"] == exported["name"] and manifest["w_bits"] == 4 and manifest["a_bits"] == 4
     assert len(manifest["layers"]) == 4 * 4 + 2  # qkv, proj, fc1, fc2 per block; the patch embedding; the head
     for name, info in manifest["layers"].items():
@@ -96,20 +89,20 @@ def test_codes_are_integers_in_range(exported) -> None:
 @needs_fashion_mnist
 def test_size_figures_are_consistent(exported) -> None:
     sizes = exported["results"]["export"]
-    manifest = json.loads((exported["run_dir"] / MANIFEST_FILE).read_text())
+    manifest = json.loads((exported["run_dir"] / EXPORT_MANIFEST).read_text())
     assert sizes["quantized_weights_fp32_mb"] == manifest["sizes"]["quantized_weights_fp32_mb"]
     assert sizes["quantized_weights_packed_mb"] < sizes["quantized_weights_fp32_mb"]
     assert 4 / 32 < sizes["quantized_weights_ratio"] < 4 / 32 + 0.02  # codes plus per-channel grids
     assert sizes["model_packed_mb"] < sizes["model_fp32_mb"]
     params = sum(p.numel() for p in create_proxy_model(pretrained=False).parameters())
     assert sizes["model_fp32_mb"] == pytest.approx(params * 4 / 1e6, rel=0.01)
-    assert sizes["file_mb"] == pytest.approx((exported["run_dir"] / WEIGHTS_FILE).stat().st_size / 1e6)
-    assert Path(sizes["weights"]) == exported["run_dir"] / WEIGHTS_FILE
+    assert sizes["file_mb"] == pytest.approx((exported["run_dir"] / EXPORT_WEIGHTS).stat().st_size / 1e6)
+    assert Path(sizes["weights"]) == exported["run_dir"] / EXPORT_WEIGHTS
 
 
 @needs_fashion_mnist
 def test_eval_mode_reproduces_top1(exported, tmp_path) -> None:
-    results = run(_compose(tmp_path / "eval", "debug=smoke", "mode=eval", f"checkpoint={exported['run_dir']}"))
+    results, _ = run(_compose(tmp_path / "eval", "debug=smoke", "mode=eval", f"checkpoint={exported['run_dir']}"))
     original = exported["results"]
     assert results["status"] == "done" and results["mode"] == "eval"
     assert results["checkpoint"] == str(exported["run_dir"].resolve())
@@ -133,7 +126,7 @@ def test_export_survives_a_failed_evaluation(tmp_path, monkeypatch) -> None:
         run(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed" and "export" in results["times"]
-    assert (tmp_path / "run" / WEIGHTS_FILE).is_file() and (tmp_path / "run" / MANIFEST_FILE).is_file()
+    assert (tmp_path / "run" / EXPORT_WEIGHTS).is_file() and (tmp_path / "run" / EXPORT_MANIFEST).is_file()
 
 
 def test_random_calibration_and_adaround_round_trip(tmp_path) -> None:
@@ -153,7 +146,7 @@ def test_random_calibration_and_adaround_round_trip(tmp_path) -> None:
     export_quantized(model, tmp_path, {**info, "quant_config": vars(config), "num_calib": 8})
     loaded = load_quantized(tmp_path)
     assert torch.equal(_logits(loaded, images), _logits(model, images))
-    codes = load_file(str(tmp_path / WEIGHTS_FILE))["blocks.0.attn.qkv.weight_codes"]
+    codes = load_file(str(tmp_path / EXPORT_WEIGHTS))["blocks.0.attn.qkv.weight_codes"]
     assert int(codes.max()) <= 7
 
 
@@ -163,7 +156,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="is not a directory. Fix: checkpoint="):
         run(_compose(tmp_path / "b", "mode=eval", f"checkpoint={tmp_path / 'nowhere'}"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match=f"has no {MANIFEST_FILE}. Fix: re-run that job with export=true"):
+    with pytest.raises(ModelError, match=f"has no {EXPORT_MANIFEST}. Fix: re-run that job with export=true"):
         load_quantized(tmp_path / "empty")
     with pytest.raises(ConfigError, match="mode='bogus' is unknown"):
         run(_compose(tmp_path / "c", "mode=bogus"))
@@ -180,8 +173,8 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
 
     no_weights = tmp_path / "no_weights"
     shutil.copytree(good, no_weights)
-    (no_weights / WEIGHTS_FILE).unlink()
-    with pytest.raises(ModelError, match=f"has no {WEIGHTS_FILE}"):
+    (no_weights / EXPORT_WEIGHTS).unlink()
+    with pytest.raises(ModelError, match=f"has no {EXPORT_WEIGHTS}"):
         load_quantized(no_weights)
 
     other_model = tmp_path / "other_model"
@@ -191,22 +184,22 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
 
     truncated = tmp_path / "truncated"
     shutil.copytree(good, truncated)
-    tensors = load_file(str(truncated / WEIGHTS_FILE))
+    tensors = load_file(str(truncated / EXPORT_WEIGHTS))
     del tensors["blocks.1.mlp.fc2.weight_codes"]
-    save_file(tensors, str(truncated / WEIGHTS_FILE))
+    save_file(tensors, str(truncated / EXPORT_WEIGHTS))
     with pytest.raises(ModelError, match="blocks.1.mlp.fc2.weight_codes is missing"):
         load_quantized(truncated)
 
     resized = tmp_path / "resized"
     shutil.copytree(good, resized)
-    tensors = load_file(str(resized / WEIGHTS_FILE))
+    tensors = load_file(str(resized / EXPORT_WEIGHTS))
     tensors["pos_embed"] = torch.zeros(1, 3, 96)
-    save_file(tensors, str(resized / WEIGHTS_FILE))
+    save_file(tensors, str(resized / EXPORT_WEIGHTS))
     with pytest.raises(ModelError, match="does not fit its model .pos_embed: saved shape"):
         load_quantized(resized)
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(good, corrupt)
-    (corrupt / WEIGHTS_FILE).write_bytes(b"\x80\x04 not safetensors")
+    (corrupt / EXPORT_WEIGHTS).write_bytes(b"\x80\x04 not safetensors")
     with pytest.raises(ModelError, match="cannot be read"):
         load_quantized(corrupt)

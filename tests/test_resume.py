@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import mgrq_runner.run as run_module
 from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, NumericalError
-from mgrq_runner.recon import engine
-from mgrq_runner.resume import MANIFEST, STATE_DIR
+from mgrq_runner.recon import StepCallback, UnitOptimizer
+from mgrq_runner.recon.state import MANIFEST
 from mgrq_runner.run import run
+from mgrq_runner.rundir import RECON_STATE
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
@@ -30,79 +29,51 @@ def small_cfg(output_dir: Path, *overrides: str) -> DictConfig:
         return compose("config", overrides=[f"output_dir={output_dir}", "progress=false", *SMALL, *overrides])
 
 
-def run_with_logits(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], torch.Tensor]:
+def run_with_logits(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Runs ``cfg``; also returns the final quantized model's logits on 64 test images."""
-    captured = {}
-    evaluate = run_module.evaluate
-
-    def capturing(models: dict[str, torch.nn.Module], *args: Any, **kwargs: Any) -> Any:
-        captured["model"] = models["quant"]
-        return evaluate(models, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(run_module, "evaluate", capturing)
-        results = run(cfg)
+    results, objects = run(cfg, on_step)
     images = load_fashion_mnist(FASHION_MNIST_ROOT, "test").tensors[0][:64]
     with torch.no_grad():
-        return results, captured["model"].eval()(images)
+        return results, objects["quant_model"].eval()(images)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], torch.Tensor]:
     """An uninterrupted run: its directory, results and logits."""
     output_dir = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        results, logits = run_with_logits(small_cfg(output_dir), monkeypatch)
+    results, logits = run_with_logits(small_cfg(output_dir))
     return output_dir, results, logits
 
 
-def stop_before(unit_name: str) -> Callable[..., Any]:
-    """``fp_outputs`` that raises KeyboardInterrupt when reconstruction reaches ``unit_name``."""
-    fp_outputs = engine.fp_outputs
+def stop_at(unit_name: str, step: int) -> StepCallback:
+    """A step callback that raises KeyboardInterrupt once ``unit_name`` has reported ``step`` (0 or the last, 3)."""
 
-    def stopping(unit: engine.Unit, *args: Any, **kwargs: Any) -> Any:
-        if unit.name == unit_name:
+    def stopping(unit: str, reported: int, terms: dict[str, float], total: int) -> None:
+        if unit == unit_name and reported == step:
             raise KeyboardInterrupt
-        return fp_outputs(unit, *args, **kwargs)
 
     return stopping
 
 
-def stop_at_step(unit_name: str, step: int) -> Callable[..., Any]:
-    """``loss_terms`` that raises KeyboardInterrupt at ``step`` of ``unit_name``'s optimisation."""
-    loss_terms = engine.loss_terms
-    calls = {"n": 0}
-
-    def stopping(unit: engine.Unit, *args: Any, **kwargs: Any) -> Any:
-        if unit.name == unit_name:
-            if calls["n"] == step:
-                raise KeyboardInterrupt
-            calls["n"] += 1
-        return loss_terms(unit, *args, **kwargs)
-
-    return stopping
-
-
-INTERRUPTIONS = {
-    "after_blocks.0": ("fp_outputs", stop_before("blocks.1"), ["embed", "blocks.0"]),
-    "after_blocks.2": ("fp_outputs", stop_before("blocks.3"), ["embed", "blocks.0", "blocks.1", "blocks.2"]),
-    "inside_blocks.1": ("loss_terms", stop_at_step("blocks.1", 2), ["embed", "blocks.0"]),
+INTERRUPTIONS = {  # where: (the step callback that stops the run, the units finished by then)
+    "start_of_blocks.1": (stop_at("blocks.1", 0), ["embed", "blocks.0"]),
+    "end_of_blocks.1": (stop_at("blocks.1", 3), ["embed", "blocks.0"]),  # its last step, before hardening
+    "start_of_blocks.3": (stop_at("blocks.3", 0), ["embed", "blocks.0", "blocks.1", "blocks.2"]),
 }
 
 
 @pytest.mark.parametrize("point", list(INTERRUPTIONS))
-def test_interrupted_run_resumes_to_the_same_model(point: str, reference, tmp_path, monkeypatch) -> None:
+def test_interrupted_run_resumes_to_the_same_model(point: str, reference, tmp_path) -> None:
     _, expected, expected_logits = reference
-    target, stopping, finished = INTERRUPTIONS[point]
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(engine, target, stopping)
-        run(small_cfg(tmp_path))
+    stopping, finished = INTERRUPTIONS[point]
+    with pytest.raises(KeyboardInterrupt):
+        run(small_cfg(tmp_path), stopping)
     partial = json.loads((tmp_path / "results.json").read_text())
     assert partial["status"] == "failed" and partial["error"].startswith("KeyboardInterrupt")
-    assert partial["resumable"] == {"finished_units": finished, "state_dir": str(tmp_path / STATE_DIR)}
+    assert partial["resumable"] == {"finished_units": finished, "state_dir": str(tmp_path / RECON_STATE)}
     assert "top1" not in partial
 
-    results, logits = run_with_logits(small_cfg(tmp_path, "resume=true"), monkeypatch)
+    results, logits = run_with_logits(small_cfg(tmp_path, "resume=true"))
     assert results["status"] == "done" and results["resumed_units"] == finished and "resumable" not in results
     for key in ("top1", "top5", "fp_agreement"):
         assert results[key] == expected[key], key
@@ -114,46 +85,45 @@ def test_interrupted_run_resumes_to_the_same_model(point: str, reference, tmp_pa
             k: v for k, v in expected_row.items() if k != "seconds"
         }
     assert list(json.loads((tmp_path / "recon_curves.json").read_text())) == units
-    assert not (tmp_path / STATE_DIR).exists(), "a done run drops its state"
+    assert not (tmp_path / RECON_STATE).exists(), "a done run drops its state"
 
 
-def test_resuming_a_done_run_returns_its_results(reference, tmp_path, monkeypatch, caplog) -> None:
+def test_resuming_a_done_run_returns_its_results(reference, tmp_path, caplog) -> None:
     run_dir, expected, _ = reference
-    monkeypatch.setattr(run_module, "_pipeline", lambda *args: pytest.fail("a done run was recomputed"))
     with caplog.at_level("INFO"):
-        results = run(small_cfg(tmp_path, f"resume={run_dir}"))
+        results, objects = run(small_cfg(tmp_path, f"resume={run_dir}"))
+    assert objects == {"fp_model": None, "quant_model": None, "data": None}, "a done run was recomputed"
     assert results == json.loads((run_dir / "results.json").read_text())
     assert results["top1"] == expected["top1"] and "without recomputing" in caplog.text
 
 
-def test_resume_with_another_config_is_refused(tmp_path, monkeypatch) -> None:
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(engine, "fp_outputs", stop_before("blocks.0"))
-        run(small_cfg(tmp_path))
+def test_resume_with_another_config_is_refused(tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        run(small_cfg(tmp_path), stop_at("blocks.0", 0))
     before = (tmp_path / "results.json").read_text()
     message = r"resume: .* different config \(method.recon.iters: 4 -> 5, seed: 0 -> 1\)\. Fix: "
     with pytest.raises(ConfigError, match=message):
         run(small_cfg(tmp_path, "resume=true", "method.recon.iters=5", "seed=1"))
     assert (tmp_path / "results.json").read_text() == before, "the refused run changed nothing"
     (tmp_path / "results.json").unlink()  # the state's own manifest is checked too
-    with pytest.raises(ConfigError, match=rf"{STATE_DIR} was made with a different config \(seed: 0 -> 1\)"):
+    with pytest.raises(ConfigError, match=rf"{RECON_STATE} was made with a different config \(seed: 0 -> 1\)"):
         run(small_cfg(tmp_path, "resume=true", "seed=1"))
 
 
 def test_diverging_unit_keeps_the_finished_units(tmp_path, monkeypatch) -> None:
-    loss_terms = engine.loss_terms
+    loss_terms = UnitOptimizer.loss_terms
 
-    def diverging(unit: engine.Unit, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        terms = loss_terms(unit, *args, **kwargs)
-        if unit.name == "blocks.1":
+    def diverging(optimizer: UnitOptimizer, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        terms = loss_terms(optimizer, *args, **kwargs)
+        if optimizer.unit.name == "blocks.1":
             terms["block"] = terms["block"] * float("nan")
         return terms
 
-    monkeypatch.setattr(engine, "loss_terms", diverging)
+    monkeypatch.setattr(UnitOptimizer, "loss_terms", diverging)
     with pytest.raises(NumericalError, match="unit blocks.1 diverged at step 0: the block loss"):
         run(small_cfg(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed" and results["resumable"]["finished_units"] == ["embed", "blocks.0"]
-    manifest = json.loads((tmp_path / STATE_DIR / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / RECON_STATE / MANIFEST).read_text())
     assert [unit["name"] for unit in manifest["units"]] == ["embed", "blocks.0"]
-    assert all((tmp_path / STATE_DIR / unit["file"]).is_file() for unit in manifest["units"])
+    assert all((tmp_path / RECON_STATE / unit["file"]).is_file() for unit in manifest["units"])

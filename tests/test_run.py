@@ -42,7 +42,7 @@ REQUIRED = [
 @needs_fashion_mnist
 def test_proxy_repq_run_writes_results(compose_cfg) -> None:
     cfg = compose_cfg("method=repq", "calib.num_images=64", "data.num_eval=500")
-    results = run(cfg)
+    results, _ = run(cfg)
     on_disk = json.loads(open(f"{cfg.output_dir}/results.json").read())
     assert on_disk == json.loads(json.dumps(results, default=str))
     assert all(key in results for key in REQUIRED)
@@ -58,7 +58,8 @@ def test_proxy_repq_run_writes_results(compose_cfg) -> None:
 
 @needs_fashion_mnist
 def test_fp_method_is_the_fp_row(compose_cfg) -> None:
-    results = run(compose_cfg("method=fp", "data.num_eval=300"))
+    results, objects = run(compose_cfg("method=fp", "data.num_eval=300"))
+    assert objects["quant_model"] is None and objects["fp_model"] is not None
     assert results["top1"] == results["fp_top1"] and results["fp_agreement"] == 1.0
     assert results["w_bits"] == 32 and results["num_calib"] == 0 and "calibrate" not in results["times"]
 
@@ -116,7 +117,7 @@ def test_quantized_logit_error_falls_with_bits() -> None:
 @needs_fashion_mnist
 def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
     cfg = compose_cfg("method=mgrq", "method.recon.iters=5", "calib.num_images=32", "data.num_eval=200")
-    results = run(cfg)
+    results, _ = run(cfg)
     units = [row["unit"] for row in results["reconstruction"]]
     assert units == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
     assert {"block", "global", "local"} <= set(results["reconstruction"][1]) and "reconstruct" in results["times"]

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mgrq_runner import report
+from mgrq_runner import console
 from mgrq_runner.errors import MgrqError
 from mgrq_runner.run import run
 
@@ -33,11 +33,12 @@ def user_message(err: MgrqError) -> str:
 def main(cfg: DictConfig) -> float | None:
     """Runs one job; returns top-1 so that sweepers can optimise it."""
     try:
-        return float(run(cfg)["top1"])
+        results, _ = run(cfg)
+        return float(results["top1"])
     except MgrqError as err:
         message = user_message(err)
         log.error("%s", message)
-        report.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
+        console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # a sweep goes on with its other jobs; this one's results.json says failed
         sys.exit(2)

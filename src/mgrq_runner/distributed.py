@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
 import shutil
 import socket
@@ -33,8 +32,6 @@ from mgrq_runner.evaluate import EvalResult, evaluate
 log = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
-GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "mgrq-gpu-locks"
-_claimed_gpu: tuple[int, Any] | None = None  # (device index, its lock file, open for the process's lifetime)
 ShardScores = dict[str, dict[str, Any]]  # model name -> correct1, correct5, num_images, seconds, predictions
 
 
@@ -47,43 +44,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def claim_gpu(lock_dir: Path = GPU_LOCK_DIR) -> str:
-    """``cuda:i`` for the first visible GPU that no other process has claimed; the claim lasts until this process
-    exits (an ``flock`` on ``lock_dir/gpu-<id>.lock``), and later calls return the same GPU.
-
-    For sweeps on several local GPUs (``hydra/launcher=local_gpus device=claim``): each long-lived joblib worker
-    keeps one GPU to itself, whatever order its jobs finish in.
-
-    Raises:
-        ConfigError: no GPU is visible, or every one is claimed already.
-    """
-    global _claimed_gpu
-    if _claimed_gpu is not None:
-        return f"cuda:{_claimed_gpu[0]}"
-    import fcntl
-
-    count = torch.cuda.device_count()
-    if count == 0:
-        raise ConfigError("device=claim but no GPU is visible here. Fix: device=cpu, or run where CUDA is available.")
-    visible = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
-    ids = visible if len(visible) == count else [str(i) for i in range(count)]  # lock physical ids when known
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    for index, gpu in enumerate(ids):
-        handle = open(lock_dir / f"gpu-{gpu}.lock", "a+")  # kept open: closing it would release the claim
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        _claimed_gpu = (index, handle)
-        log.info("claimed GPU %s (cuda:%d) for this process", gpu, index)
-        return f"cuda:{index}"
-    raise ConfigError(
-        f"device=claim but all {count} visible GPUs are claimed by other jobs. Fix: hydra.launcher.n_jobs={count} "
-        f"or fewer (one job per GPU); a claim ends when its process exits (locks in {lock_dir})."
-    )
 
 
 def shard_ranges(num_images: int, batch_size: int, world_size: int) -> list[range]:

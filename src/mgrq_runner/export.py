@@ -33,9 +33,8 @@ from mgrq_runner.quant import primitives as P
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
 from mgrq_runner.quant.modules import _QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
 
-WEIGHTS_FILE = "quantized_model.safetensors"
-MANIFEST_FILE = "quantized_model.json"
 FORMAT = "mgrq-quantized"
 FORMAT_VERSION = 1
 MB = 1e6  # sizes are in MB of 10**6 bytes
@@ -158,7 +157,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     """
     run_dir = Path(run_dir)
     tensors, entries = export_tensors(model)
-    weights_path = run_dir / WEIGHTS_FILE
+    weights_path = run_dir / EXPORT_WEIGHTS
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -169,7 +168,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "weights_file": WEIGHTS_FILE,
+        "weights_file": EXPORT_WEIGHTS,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **info,
         "timm_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -182,7 +181,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
         "sizes": sizes,
         **entries,
     }
-    manifest_path = run_dir / MANIFEST_FILE
+    manifest_path = run_dir / EXPORT_MANIFEST
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
 
@@ -194,11 +193,11 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"checkpoint {run_dir} is not a directory. Fix: checkpoint=<the run dir of a run made with export=true>."
         )
-    path = run_dir / MANIFEST_FILE
+    path = run_dir / EXPORT_MANIFEST
     if not path.is_file():
         raise ModelError(
-            f"{run_dir} has no {MANIFEST_FILE}. Fix: re-run that job with export=true, or point checkpoint at "
-            f"a run dir that holds {MANIFEST_FILE} and {WEIGHTS_FILE}."
+            f"{run_dir} has no {EXPORT_MANIFEST}. Fix: re-run that job with export=true, or point checkpoint at "
+            f"a run dir that holds {EXPORT_MANIFEST} and {EXPORT_WEIGHTS}."
         )
     try:
         manifest = json.loads(path.read_text())
@@ -215,9 +214,9 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _read_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = run_dir / WEIGHTS_FILE
+    path = run_dir / EXPORT_WEIGHTS
     if not path.is_file():
-        raise ModelError(f"{run_dir} has no {WEIGHTS_FILE}. Fix: re-run that job with export=true.")
+        raise ModelError(f"{run_dir} has no {EXPORT_WEIGHTS}. Fix: re-run that job with export=true.")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

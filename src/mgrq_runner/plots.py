@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mgrq_runner.rundir import RECON_CURVES
 from mgrq_runner.tables import FP_LABEL, Record, mean_std, method_key, model_key, setting_key
 
 TERM_ORDER = ["block", "global", "local", "rounding"]
@@ -122,7 +123,7 @@ def plot_loss_grid(records: Sequence[Record], path: str | Path) -> Path:
 
 def plot_recon_curves(run_dir: str | Path, path: str | Path) -> Path:
     """One subplot per loss term of ``<run_dir>/recon_curves.json``, one line per unit, log scale."""
-    source = Path(run_dir) / "recon_curves.json"
+    source = Path(run_dir) / RECON_CURVES
     if not source.is_file():
         raise FileNotFoundError(f"no reconstruction curves: {source} does not exist")
     curves: dict[str, dict[str, list[float]]] = json.loads(source.read_text())

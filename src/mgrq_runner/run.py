@@ -1,6 +1,9 @@
-"""The pipeline: build the FP model and data, quantize, calibrate, evaluate, write ``results.json``.
+"""The pipeline: named stages strung together by ``run(cfg)``; the Hydra CLI only calls it.
 
-``run(cfg)`` is the whole job; the Hydra CLI only calls it. ``results.json`` is rewritten after every stage with
+    mode=run:  build -> quantize_and_calibrate -> reconstruct -> export -> score
+    mode=eval: load_export ------------------------------------------------> score
+
+Each stage takes what it needs and returns what it built. ``results.json`` is rewritten after every stage with
 ``status: running``, so a run that stops early leaves what it had computed and never looks complete.
 """
 
@@ -8,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,32 +24,43 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner.allocator import keep_freed_memory
-from mgrq_runner.data import build_data, create_loader, resolved_data_config
-from mgrq_runner.distributed import claim_gpu, evaluate_distributed
+from mgrq_runner.console import print_summary, recon_progress, track
+from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
+from mgrq_runner.devices import resolve_device
+from mgrq_runner.distributed import evaluate_distributed
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.evaluate import EvalResult, evaluate
 from mgrq_runner.export import export_quantized, load_quantized, read_manifest
 from mgrq_runner.models import PROXIES, create_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon.engine import LossConfig, ReconConfig, reconstruct, reconstruction_summary
+from mgrq_runner.recon import (
+    LossConfig,
+    LossCurves,
+    ReconConfig,
+    ReconState,
+    StepCallback,
+    check_same_config,
+    reconstruct,
+    reconstruction_summary,
+)
 from mgrq_runner.record import RunRecord, common_fields, git_revision, library_versions
-from mgrq_runner.report import LossCurves, print_summary, recon_progress, track
-from mgrq_runner.resume import STATE_DIR, ReconState, check_fingerprint, fingerprint, previous_results, resume_target
+from mgrq_runner.resume import fingerprint, previous_results, resume_target
+from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, results_path
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "claim":  # a GPU of this process's own, for sweeps on several local GPUs (docs/scale-out.md)
-        return torch.device(claim_gpu())
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here. Fix: device=auto or device=cpu.")
-    return device
+@dataclass(frozen=True)
+class Settings:
+    """A run's validated settings (``quant`` is None for the FP method, ``recon`` for methods that don't
+    reconstruct)."""
+
+    quant: QuantConfig | None
+    init: InitConfig | None
+    recon: ReconConfig | None
+    losses: LossConfig | None
+    num_calib: int
 
 
 def quant_settings(cfg: DictConfig) -> tuple[QuantConfig, InitConfig]:
@@ -74,6 +90,16 @@ def recon_settings(cfg: DictConfig) -> tuple[ReconConfig, LossConfig] | tuple[No
     return ReconConfig(**OmegaConf.to_container(cfg.method.recon, resolve=True)), LossConfig(**loss)
 
 
+def settings(cfg: DictConfig) -> Settings:
+    """Every setting of a ``mode=run`` job, validated before any work."""
+    check_model_preset(cfg)
+    quantize = bool(cfg.method.quantize)
+    quant, init = quant_settings(cfg) if quantize else (None, None)
+    recon, losses = recon_settings(cfg)
+    num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
+    return Settings(quant, init, recon, losses, num_calib)
+
+
 def check_model_preset(cfg: DictConfig) -> None:
     """Refuses a timm name put into a proxy preset: the proxy presets bring Fashion-MNIST, not ImageNet."""
     preset, name = cfg.model.get("preset"), str(cfg.model.name)
@@ -84,30 +110,36 @@ def check_model_preset(cfg: DictConfig) -> None:
         )
 
 
+def set_threads(cfg: DictConfig) -> None:
+    if cfg.get("threads") is None:
+        return
+    threads = int(cfg.threads)
+    if threads < 1:
+        raise ConfigError(f"threads={threads} must be >= 1. Fix: threads=1, 2, ... or threads=null (torch's default).")
+    torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one job and returns its results (also written to ``<output_dir>/results.json``).
+def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs one job (``mode=run`` or ``mode=eval``).
 
-    With ``resume=true`` (or ``resume=<run dir>``) a run that is done returns its results as they are, and an
-    interrupted one keeps the reconstruction units it had finished.
+    Args:
+        cfg: the composed config.
+        on_step: also called at every reported reconstruction step (after the loss curves and progress).
+
+    Returns:
+        The results (also in ``<output_dir>/results.json``) and the objects built: ``fp_model`` and
+        ``quant_model`` (each None where the job has none) and ``data`` (the ``DataBundle``).
     """
     keep_freed_memory()  # reconstruction's big temporaries are reused instead of faulted in afresh
-    if cfg.get("threads") is not None:
-        threads = int(cfg.threads)
-        if threads < 1:
-            raise ConfigError(
-                f"threads={threads} must be >= 1. Fix: threads=1, 2, ... or threads=null (torch's default)."
-            )
-        torch.set_num_threads(threads)
+    set_threads(cfg)
     mode = str(cfg.get("mode", "run"))
     if mode == "eval":
-        run_dir = Path(cfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_eval(cfg, run_dir)
+        return run_eval(cfg)
     if mode != "run":
         raise ConfigError(f"mode={mode!r} is unknown. Fix: mode=run, or mode=eval checkpoint=<exported run dir>.")
     run_dir, resuming = resume_target(cfg.get("resume", False), str(cfg.output_dir))
@@ -116,36 +148,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_model_preset(cfg)
-    quantize = bool(cfg.method.quantize)
-    quant_config, init_config = quant_settings(cfg) if quantize else (None, None)
-    recon_config, loss_config = recon_settings(cfg)
-    num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
+    job = settings(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    state = None
     if resuming:
         previous = previous_results(run_dir)
         if previous is not None:
-            check_fingerprint(fingerprint(previous["config"]), fingerprint(config), run_dir / "results.json")
+            check_same_config(fingerprint(previous["config"]), fingerprint(config), results_path(run_dir))
             if previous.get("status") == "done":
                 log.info("resume: %s is done; its results are returned without recomputing", run_dir)
                 print_summary(previous)
-                return previous
-    if recon_config is not None:
-        state = ReconState(run_dir / STATE_DIR, fingerprint(config))
+                return previous, {"fp_model": None, "quant_model": None, "data": None}
+    state = None
+    if job.recon is not None:
+        state = ReconState(run_dir / RECON_STATE, fingerprint(config))
         if resuming:
             state.resume()
         else:
             state.clear()  # a fresh run in a used directory: nothing of an earlier run is kept
     record = RunRecord(
-        run_dir / "results.json",
+        results_path(run_dir),
         {
             "model": str(cfg.model.name),
             "preset": cfg.model.get("preset"),
             "method": str(cfg.method.name),
-            "w_bits": cfg.quant.w_bits if quantize else 32,
-            "a_bits": cfg.quant.a_bits if quantize else 32,
+            "w_bits": job.quant.w_bits if job.quant else 32,
+            "a_bits": job.quant.a_bits if job.quant else 32,
             **common_fields(cfg, run_dir),
             "config": config,
             **({"resumed_units": state.names} if state is not None and resuming else {}),
@@ -156,90 +184,141 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             resumable={"finished_units": names, "state_dir": str(state.directory)}
         )
         state.on_save(state.names)
+    with failure_recorded(record):
+        objects = _pipeline(cfg, job, record, state, on_step)
+    if state is not None:
+        state.clear()  # a done run is returned as it is when resumed: its units are no longer needed
+    print_summary(record.data)
+    return record.data, objects
+
+
+@contextmanager
+def failure_recorded(record: RunRecord) -> Iterator[None]:
+    """Marks results.json ``failed``, with the error, when the block raises (the error is re-raised)."""
     try:
-        results = _pipeline(cfg, record, quant_config, init_config, recon_config, loss_config, num_calib, state)
+        yield
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
-    if state is not None:
-        state.clear()  # a done run is returned as it is when resumed: its units are no longer needed
-    print_summary(results)
-    return results
 
 
 def _pipeline(
-    cfg: DictConfig,
-    record: RunRecord,
-    quant_config: QuantConfig | None,
-    init_config: InitConfig | None,
-    recon_config: ReconConfig | None,
-    loss_config: LossConfig | None,
-    num_calib: int,
-    state: ReconState | None = None,
+    cfg: DictConfig, job: Settings, record: RunRecord, state: ReconState | None, on_step: StepCallback | None
 ) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
-    show = bool(cfg.progress)
+    fp_model, bundle = build(cfg, record, job.num_calib, device)
+    models = {"fp": fp_model.to(device)}
+    if job.quant is not None and job.init is not None:
+        models["quant"], images = quantize_and_calibrate(fp_model, bundle, cfg, job, record, device)
+        if job.recon is not None and job.losses is not None:
+            reconstruct_stage(models, images, cfg, job, record, state, on_step)
+        if cfg.get("export", False):  # before evaluation: a failure there still leaves the export
+            with record.stage("export"):
+                info = export_info(cfg, job.quant, job.num_calib)
+                record.update(export=export_quantized(models["quant"], record.path.parent, info))
+    elif cfg.get("export", False):
+        log.warning("export=true: method %s does not quantize, nothing to export", cfg.method.name)
+    score(models, bundle, cfg, record, device)
+    record.update(num_calib=job.num_calib if job.quant is not None else 0)
+    return {"fp_model": models["fp"], "quant_model": models.get("quant"), "data": bundle}
 
+
+def build(
+    cfg: DictConfig, record: RunRecord, num_calib: int, device: torch.device
+) -> tuple[torch.nn.Module, DataBundle]:
+    """Stage ``build_model`` and ``data``: the FP model (on the CPU) and the calibration and evaluation sets."""
     with record.stage("build_model"):
         fp_model = create_model(cfg.model)
     with record.stage("data"):
         bundle = build_data(cfg.data, fp_model, max(num_calib, 1), int(cfg.seed))
-    if fp_model.num_classes != bundle.num_classes:
-        raise ConfigError(
-            f"model {cfg.model.name} predicts {fp_model.num_classes} classes but data "
-            f"{cfg.data.name} has {bundle.num_classes}. Fix: pick the model with a preset of its "
-            f"data set (model=deit_s model.name=<timm arch.tag> for ImageNet, model=proxy_vit for "
-            f"Fashion-MNIST), or override data=."
-        )
+    check_classes(fp_model, bundle, cfg)
     record.update(**_model_fields(fp_model, cfg, device))
+    return fp_model, bundle
 
-    models = {"fp": fp_model.to(device)}
-    if quant_config is not None and init_config is not None:
-        (record.path.parent / "calibration_images.txt").write_text("\n".join(bundle.calibration_ids) + "\n")
-        with record.stage("quantize"):
-            models["quant"] = quantize_(copy.deepcopy(fp_model), quant_config)
-        calib_loader = create_loader(bundle.calibration, int(cfg.calib.batch_size), int(cfg.data.workers))
-        with record.stage("load_calibration"):
-            images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
-            images = images.to(device)
-        batches = images.split(int(cfg.calib.batch_size))
-        with record.stage("calibrate"):
-            calibrate(
-                models["quant"], track(batches, len(batches), "calibrate", show), len(batches), init_config, device
+
+def check_classes(model: torch.nn.Module, bundle: DataBundle, cfg: DictConfig) -> None:
+    if model.num_classes != bundle.num_classes:
+        raise ConfigError(
+            f"model {cfg.model.name} predicts {model.num_classes} classes but data {cfg.data.name} has "
+            f"{bundle.num_classes}. Fix: pick the model with a preset of its data set (model=deit_s, "
+            f"model=timm model.name=<timm arch.tag> for ImageNet; model=proxy_vit for Fashion-MNIST), "
+            f"or override data=."
+        )
+
+
+def quantize_and_calibrate(
+    fp_model: torch.nn.Module, bundle: DataBundle, cfg: DictConfig, job: Settings, record: RunRecord, device: Any
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Stages ``quantize``, ``load_calibration``, ``calibrate``: the calibrated quantized model and the
+    calibration images (on the device)."""
+    assert job.quant is not None and job.init is not None
+    show = bool(cfg.progress)
+    (record.path.parent / CALIBRATION_LIST).write_text("\n".join(bundle.calibration_ids) + "\n")
+    with record.stage("quantize"):
+        quant_model = quantize_(copy.deepcopy(fp_model), job.quant)
+    calib_loader = create_loader(bundle.calibration, int(cfg.calib.batch_size), int(cfg.data.workers))
+    with record.stage("load_calibration"):
+        images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
+        images = images.to(device)
+    batches = images.split(int(cfg.calib.batch_size))
+    with record.stage("calibrate"):
+        calibrate(quant_model, track(batches, len(batches), "calibrate", show), len(batches), job.init, device)
+    return quant_model, images
+
+
+def reconstruct_stage(
+    models: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    cfg: DictConfig,
+    job: Settings,
+    record: RunRecord,
+    state: ReconState | None,
+    on_step: StepCallback | None,
+) -> None:
+    """Stage ``reconstruct``: block-wise reconstruction of ``models["quant"]`` in place; loss curves saved."""
+    assert job.recon is not None and job.losses is not None
+    curves_path = record.path.parent / RECON_CURVES
+    with record.stage("reconstruct"), recon_progress(bool(cfg.progress)) as progress:
+        curves = LossCurves(forward_to=_both(progress, on_step))
+        if state is not None and state.units:  # a resumed run keeps its restored units' curves
+            curves.restore(curves_path, state.names)
+        try:
+            reports = reconstruct(
+                models["quant"], models["fp"], images, job.recon, job.losses, int(cfg.seed), curves, state
             )
-        if recon_config is not None and loss_config is not None:
-            with record.stage("reconstruct"), recon_progress(show) as on_step:
-                curves = LossCurves(forward_to=on_step)
-                curves_path = record.path.parent / "recon_curves.json"
-                if state is not None and state.units:  # a resumed run keeps its restored units' curves
-                    curves.curves = restored_curves(curves_path, state.names)
-                try:
-                    reports = reconstruct(
-                        models["quant"], models["fp"], images, recon_config, loss_config, int(cfg.seed), curves, state
-                    )
-                finally:  # the curves so far are kept when a unit diverges
-                    curves.save(curves_path)
-            record.update(reconstruction=reconstruction_summary(reports))
-    if cfg.get("export", False):  # before evaluation: a failure there still leaves the export
-        if quant_config is None:
-            log.warning("export=true: method %s does not quantize, nothing to export", cfg.method.name)
-        else:
-            with record.stage("export"):
-                info = export_info(cfg, quant_config, num_calib)
-                record.update(export=export_quantized(models["quant"], record.path.parent, info))
+        finally:  # the curves so far are kept when a unit diverges
+            curves.save(curves_path)
+    record.update(reconstruction=reconstruction_summary(reports))
 
+
+def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallback | None:
+    if first is None or second is None:
+        return first or second
+
+    def both(unit: str, step: int, terms: dict[str, float], total: int) -> None:
+        first(unit, step, terms, total)
+        second(unit, step, terms, total)
+
+    return both
+
+
+def score(
+    models: dict[str, torch.nn.Module], bundle: DataBundle, cfg: DictConfig, record: RunRecord, device: torch.device
+) -> None:
+    """Stage ``evaluate``: top-1/top-5 of every model; the last one's are the run's, the FP model's beside them."""
     with record.stage("evaluate"):
-        scores = _evaluate(models, bundle.evaluation, cfg, device, show)
-    fp, quant = scores["fp"], scores.get("quant", scores["fp"])
+        scores = _evaluate(models, bundle.evaluation, cfg, device)
+    fp, final = scores.get("fp"), list(scores.values())[-1]
     record.data.pop("resumable", None)
     record.update(
         **_score_fields(scores, fp),
-        fp_agreement=round(quant.agreement, 5),
-        num_calib=num_calib if quant_config is not None else 0,
+        fp_agreement=round(final.agreement, 5) if fp is not None else None,  # no FP model in an export
     )
-    log.info("top-1 %.2f (FP %.2f), agreement %.4f", quant.top1, fp.top1, quant.agreement)
-    return record.data
+    if fp is not None:
+        log.info("top-1 %.2f (FP %.2f), agreement %.4f", final.top1, fp.top1, final.agreement)
+    else:
+        log.info("top-1 %.2f", final.top1)
 
 
 def _model_fields(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -255,7 +334,7 @@ def _model_fields(model: torch.nn.Module, cfg: DictConfig, device: torch.device)
 
 
 def _evaluate(
-    models: dict[str, torch.nn.Module], dataset: Any, cfg: DictConfig, device: torch.device, show: bool
+    models: dict[str, torch.nn.Module], dataset: Any, cfg: DictConfig, device: torch.device
 ) -> dict[str, EvalResult]:
     """Scores ``models`` on ``dataset``: in this process, or on ``eval.world_size`` spawned ranks."""
     batch_size, workers = int(cfg.data.batch_size), int(cfg.data.workers)
@@ -265,7 +344,7 @@ def _evaluate(
         backend = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
         return evaluate_distributed(models, dataset, batch_size, world_size, backend, next(iter(models)), workers)
     loader = create_loader(dataset, batch_size, workers)
-    return evaluate(models, track(loader, len(loader), "evaluate", show), device)
+    return evaluate(models, track(loader, len(loader), "evaluate", bool(cfg.progress)), device)
 
 
 def _score_fields(scores: dict[str, EvalResult], fp: EvalResult | None) -> dict[str, Any]:
@@ -283,15 +362,6 @@ def _score_fields(scores: dict[str, EvalResult], fp: EvalResult | None) -> dict[
         "num_eval": quant.num_images,
         "throughput": {name: round(score.images_per_second, 1) for name, score in scores.items()},
     }
-
-
-def restored_curves(path: Path, units: list[str]) -> dict[str, dict[str, list[float]]]:
-    """The loss curves an interrupted run recorded for ``units`` (empty where it has none)."""
-    try:
-        curves = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {unit: curves[unit] for unit in units if unit in curves}
 
 
 def export_info(cfg: DictConfig, quant_config: QuantConfig, num_calib: int) -> dict[str, Any]:
@@ -313,8 +383,10 @@ def export_info(cfg: DictConfig, quant_config: QuantConfig, num_calib: int) -> d
     }
 
 
-def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_eval(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``mode=eval``: evaluates the model exported in ``checkpoint`` on the current config's data."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("checkpoint") is None:
         raise ConfigError("mode=eval needs a checkpoint. Fix: add checkpoint=<run dir of a run made with export=true>.")
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
@@ -325,7 +397,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"{cfg.model.name}. Fix: add model=<its preset> (or model.name={manifest['model']['name']})."
         )
     record = RunRecord(
-        run_dir / "results.json",
+        results_path(run_dir),
         {
             "mode": "eval",
             "checkpoint": str(checkpoint),
@@ -338,31 +410,17 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
     )
-    try:
-        results = _eval_pipeline(cfg, record, checkpoint, int(manifest["num_calib"]))
-    except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    print_summary(results)
-    return results
-
-
-def _eval_pipeline(cfg: DictConfig, record: RunRecord, checkpoint: Path, num_calib: int) -> dict[str, Any]:
-    seed_everything(int(cfg.seed))
-    device = resolve_device(str(cfg.device))
-    show = bool(cfg.progress)
-    with record.stage("load_checkpoint"):
-        model = load_quantized(checkpoint, device)
-    with record.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
-        bundle = build_data(cfg.data, model, max(num_calib, 1), int(cfg.seed))
-    if model.num_classes != bundle.num_classes:
-        raise ConfigError(
-            f"model {cfg.model.name} predicts {model.num_classes} classes but data {cfg.data.name} has "
-            f"{bundle.num_classes}. Fix: drop the data= override, or pick the checkpoint's data set."
-        )
-    record.update(**_model_fields(model, cfg, device))
-    with record.stage("evaluate"):
-        scores = _evaluate({"quant": model}, bundle.evaluation, cfg, device, show)
-    record.update(**_score_fields(scores, None), fp_agreement=None, num_calib=num_calib)  # no FP model in an export
-    log.info("top-1 %.2f of checkpoint %s", scores["quant"].top1, checkpoint)
-    return record.data
+    num_calib = int(manifest["num_calib"])
+    with failure_recorded(record):
+        seed_everything(int(cfg.seed))
+        device = resolve_device(str(cfg.device))
+        with record.stage("load_checkpoint"):
+            model = load_quantized(checkpoint, device)
+        with record.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
+            bundle = build_data(cfg.data, model, max(num_calib, 1), int(cfg.seed))
+        check_classes(model, bundle, cfg)
+        record.update(**_model_fields(model, cfg, device))
+        score({"quant": model}, bundle, cfg, record, device)
+        record.update(num_calib=num_calib)
+    print_summary(record.data)
+    return record.data, {"fp_model": None, "quant_model": model, "data": bundle}

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, unconverged_units
+from mgrq_runner.rundir import RESULTS
 
-RESULTS_FILE = "results.json"
 MODEL_ORDER = ["vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"]
 MODEL_NAMES = {
     "vit_s": "ViT-S",
@@ -187,7 +187,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         if path.is_file():
             candidates = [path]
         elif path.is_dir():
-            candidates = list(path.rglob(RESULTS_FILE))
+            candidates = list(path.rglob(RESULTS))
         else:
             raise FileNotFoundError(f"no such file or directory: {path}")
         for candidate in candidates:
@@ -247,7 +247,7 @@ def load_run(path: str | Path) -> Record:
     """Reads one ``results.json`` (or a run dir holding one); an unreadable file gives a failed record."""
     path = Path(path)
     if path.is_dir():
-        path = path / RESULTS_FILE
+        path = path / RESULTS
     try:
         results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -399,9 +399,7 @@ def _problems(records: Sequence[Record]) -> list[str]:
     for r in records:
         if r.done:
             continue
-        what = (
-            f"{r.setting} {r.method} {r.model} seed {r.seed}" if r.setting != UNKNOWN else f"unreadable {RESULTS_FILE}"
-        )
+        what = f"{r.setting} {r.method} {r.model} seed {r.seed}" if r.setting != UNKNOWN else f"unreadable {RESULTS}"
         lines.append(f"- {r.status}: {what} ({r.run_dir})" + (f": {r.error}" if r.error else ""))
     return lines
 

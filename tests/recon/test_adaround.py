@@ -6,7 +6,7 @@ import torch
 from mgrq_runner.quant.primitives import search_uniform_range
 from mgrq_runner.quant.quantizers import UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound, rounding_beta
-from mgrq_runner.recon.engine import qdrop_input
+from mgrq_runner.recon.optimizer import qdrop_input
 
 
 def weight_and_quantizer(bits: int = 4) -> tuple[torch.Tensor, UniformQuantizer]:
@@ -69,7 +69,7 @@ def test_qdrop_extremes() -> None:
     quantizer.enabled = True
     x = torch.linspace(-1, 1, 101)
     quantized = quantizer(x)
-    quantizer.drop_prob = 1.0  # p = 0: every element passes through in FP
+    quantizer.quant_prob = 0.0  # p = 0: every element passes through in FP
     assert torch.equal(quantizer(x), x)
-    quantizer.drop_prob = 0.0  # p = 1: the plain quantizer
+    quantizer.quant_prob = 1.0  # p = 1: the plain quantizer
     assert torch.equal(quantizer(x), quantized)

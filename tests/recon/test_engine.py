@@ -1,26 +1,19 @@
 """Reconstruction on the shipped proxy: loss terms, where their gradients go, and the error it removes."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.models import create_proxy_model
-from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
+from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_, set_quantization
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer, reconstruct
+from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
 from mgrq_runner.recon.convergence import converged
-from mgrq_runner.recon.engine import (
-    LossConfig,
-    ReconConfig,
-    UnitTargets,
-    capture_points,
-    fp_outputs,
-    loss_terms,
-    prepare_unit,
-    reconstruct,
-    set_unit_quantization,
-)
+from mgrq_runner.recon.engine import _remainder
 from mgrq_runner.recon.units import model_units, run_units
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
@@ -59,22 +52,24 @@ def test_global_and_local_terms(proxy) -> None:
     output, layers = fp_outputs(unit, x_fp, points, batch=32)
     targets = UnitTargets(output, layers, logits)
     idx = torch.arange(32)
+    remainder = functools.partial(_remainder, fp_units[index + 1 :], False)
+    optimizer = UnitOptimizer(unit, remainder, targets, points, ReconConfig(quant_prob=1.0), LossConfig())
+    roundings, scales = optimizer.roundings, optimizer.scales
 
-    set_unit_quantization(unit.module, False)
+    set_quantization(unit.module, False)
     with torch.no_grad():
-        fp_terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+        fp_terms = optimizer.loss_terms(x_fp[idx], idx, True)
     # Zero up to float rounding (the FP model runs timm's fused attention, the unit the explicit path).
     assert fp_terms["global"].item() < 1e-6 and fp_terms["local"].item() < 1e-10
 
-    set_unit_quantization(unit.module, True)
-    roundings, scales = prepare_unit(unit.module, ReconConfig(quant_prob=1.0))
-    terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+    set_quantization(unit.module, True)
+    terms = optimizer.loss_terms(x_fp[idx], idx, True)
     assert terms["global"].item() > 100 * fp_terms["global"].item() and terms["local"].item() > 1e-6
     learnable = {id(p) for p in [*scales, *(r.variable for r in roundings)]}
     for name in ("global", "local"):
         for parameter in [*learnable_parameters(quant_model, fp_model, roundings)]:
             parameter.grad = None
-        terms = loss_terms(unit, index, fp_units, x_fp[idx], idx, targets, points, LossConfig(), True)
+        terms = optimizer.loss_terms(x_fp[idx], idx, True)
         terms[name].backward()
         assert all(r.variable.grad is not None and r.variable.grad.abs().sum() > 0 for r in roundings), name
         assert sum(s.grad.abs().sum() for s in scales if s.grad is not None) > 0, name

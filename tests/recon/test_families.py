@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from mgrq_runner.models import unsupported_part
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon.engine import LOCAL_POINTS, LossConfig, ReconConfig, capture_points, reconstruct
+from mgrq_runner.recon import LOCAL_POINTS, LossConfig, ReconConfig, reconstruct
+from mgrq_runner.recon.cache import capture_points, fp_outputs
 from mgrq_runner.recon.units import model_units
 
 TINY = dict(img_size=32, in_chans=3, num_classes=5)
@@ -68,8 +69,6 @@ def test_every_method_reconstructs_every_family(family: str, method: str) -> Non
 def test_swin_local_targets_are_indexed_by_image() -> None:
     """Window tensors ([images x windows, ...]) are regrouped per image: the FP targets of a batch's images
     equal what the same images give on their own."""
-    from mgrq_runner.recon.engine import fp_outputs
-
     fp_model, quant_model, images = tiny_models("swin")
     unit = model_units(quant_model)[2]  # layers.0.blocks.1: the shifted, masked block
     x = torch.randn(8, 8, 8, 16)

@@ -113,6 +113,8 @@ def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuanti
 
 
 def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switches every quantizer on or off."""
+    """Switches every quantizer on or off; cached (frozen) weights are dropped, as they may no longer apply."""
     for _, quantizer in quantizers(model):
         quantizer.enabled = enabled
+    for _, layer in quant_layers(model):
+        layer.unfreeze()

@@ -56,15 +56,15 @@ class Observer:
         return data.t().contiguous() if self.per_channel else data[None]
 
 
-def qdrop_mask(x: torch.Tensor, drop_prob: float) -> torch.Tensor | None:
-    """QDrop: 1.0 where an element is quantized, 0.0 where it keeps its FP value (chance ``drop_prob``, in steps
-    of 1/256); None when nothing drops."""
-    return P.random_mask(x, 1.0 - drop_prob) if drop_prob > 0.0 else None
+def qdrop_mask(x: torch.Tensor, quant_prob: float) -> torch.Tensor | None:
+    """QDrop: 1.0 where an element is quantized (chance ``quant_prob``, in steps of 1/256), 0.0 where it keeps its
+    FP value; None when every element is quantized."""
+    return P.random_mask(x, quant_prob) if quant_prob < 1.0 else None
 
 
-def _qdrop(x: torch.Tensor, quantized: torch.Tensor, drop_prob: float) -> torch.Tensor:
+def _qdrop(x: torch.Tensor, quantized: torch.Tensor, quant_prob: float) -> torch.Tensor:
     """``quantized``, with the elements QDrop keeps in FP taken from ``x``."""
-    mask = qdrop_mask(x, drop_prob)
+    mask = qdrop_mask(x, quant_prob)
     return quantized if mask is None else torch.lerp(x, quantized, mask)
 
 
@@ -81,7 +81,7 @@ class UniformQuantizer(nn.Module):
         self.bits = bits
         self.per_channel = per_channel
         self.enabled = False
-        self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
+        self.quant_prob = 1.0  # QDrop's p: the chance that an element is quantized (else it passes in FP)
         self.observer: Observer | None = None
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1))
@@ -105,8 +105,8 @@ class UniformQuantizer(nn.Module):
             return x
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return P.train_fake_quantize(x, scale, zero_point, self.bits, qdrop_mask(x, self.drop_prob))
-        return _qdrop(x, P.fake_quantize_inference(x, scale, zero_point, self.bits), self.drop_prob)
+            return P.train_fake_quantize(x, scale, zero_point, self.bits, qdrop_mask(x, self.quant_prob))
+        return _qdrop(x, P.fake_quantize_inference(x, scale, zero_point, self.bits), self.quant_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, enabled={self.enabled}"
@@ -125,7 +125,7 @@ class LogSqrt2Quantizer(nn.Module):
         self.bits = bits
         self.extra_level = extra_level
         self.enabled = False
-        self.drop_prob = 0.0
+        self.quant_prob = 1.0
         self.observer: Observer | None = None
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
 
@@ -137,7 +137,7 @@ class LogSqrt2Quantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
-        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits, self.extra_level), self.drop_prob)
+        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits, self.extra_level), self.quant_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, extra_level={self.extra_level}, enabled={self.enabled}"

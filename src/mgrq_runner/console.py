@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -21,9 +19,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mgrq_runner.files import write_text_atomic
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, converged
-from mgrq_runner.recon.engine import StepCallback
+from mgrq_runner.recon.curves import StepCallback
+from mgrq_runner.rundir import results_path
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -63,25 +61,6 @@ def recon_progress(enabled: bool = True) -> Iterator[StepCallback | None]:
             progress.update(tasks[unit], completed=step + 1, terms=text)
 
         yield on_step
-
-
-class LossCurves:
-    """Records every reported reconstruction step's loss terms, per unit (``recon_curves.json``)."""
-
-    def __init__(self, forward_to: StepCallback | None = None) -> None:
-        self.curves: dict[str, dict[str, list[float]]] = {}
-        self.forward_to = forward_to
-
-    def __call__(self, unit: str, step: int, terms: dict[str, float], total: int) -> None:
-        curve = self.curves.setdefault(unit, {"step": []})
-        curve["step"].append(step)
-        for name, value in terms.items():
-            curve.setdefault(name, []).append(value)
-        if self.forward_to is not None:
-            self.forward_to(unit, step, terms, total)
-
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(self.curves))
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -134,4 +113,4 @@ def print_summary(results: dict[str, Any]) -> None:
     if results.get("reconstruction"):
         console.print(convergence_table(results["reconstruction"]))
     console.print(summary_table(results))
-    console.print(f"results: {results['run_dir']}/results.json")
+    console.print(f"results: {results_path(results['run_dir'])}")

@@ -1,0 +1,106 @@
+"""What a unit is optimised towards, computed once per unit: the FP output and the FP layer outputs for IBLS.
+
+The targets are cached for every calibration image on the model's device and indexed by image; tensors that Swin's
+window attention computes on ``[images x windows, ...]`` are regrouped per image first (``per_image``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mgrq_runner.quant.api import quant_layers, set_quantization
+from mgrq_runner.quant.modules import QuantMatMul
+from mgrq_runner.recon.losses import block_loss
+from mgrq_runner.recon.units import Unit
+
+CapturePoint = tuple[nn.Module, str]  # a module and whether its "input" or "output" is recorded
+
+
+@dataclass
+class UnitTargets:
+    """The FP targets of one unit for every calibration image (indexed by image)."""
+
+    output: torch.Tensor  # O: the FP unit's output on X_fp
+    layers: list[torch.Tensor]  # FP tensors at the IBLS capture points, per image (``per_image``)
+    logits: torch.Tensor | None  # FP logits (or pre-head features) for EBGS; None when it is off
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` in mini-batches, without autograd."""
+    with torch.no_grad():
+        return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def capture_points(unit: nn.Module, names: tuple[str, ...]) -> list[CapturePoint]:
+    """The places in ``unit`` whose tensors IBLS aligns: outputs of the named quantized layers, and the attention
+    probabilities (``attn_probs``: the input of ``attn @ v``) or ``attn @ v``'s output (``attn_v``)."""
+    points = []
+    for name, module in unit.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in names and any(True for _ in quant_layers(module)):
+            points.append((module, "output"))
+        elif isinstance(module, QuantMatMul) and leaf == "matmul_av":
+            if "attn_probs" in names:
+                points.append((module, "input"))
+            if "attn_v" in names:
+                points.append((module, "output"))
+    return points
+
+
+def per_image(tensors: list[torch.Tensor], images: int) -> list[torch.Tensor]:
+    """Views captured tensors as ``[images, -1, last dim]``, so that targets can be indexed by image.
+
+    Swin's window attention runs on ``[images x windows, ...]`` (image-major): grouping by image keeps each
+    image's windows together; a ViT tensor keeps its layout. The last dim (channels) is what IBLS's distances
+    reduce over.
+    """
+    return [t.reshape(images, -1, t.shape[-1]) for t in tensors]
+
+
+@contextmanager
+def capture(points: list[CapturePoint]) -> Iterator[list[torch.Tensor]]:
+    """Records the tensors at ``points`` during forward passes, in order."""
+    store: list[torch.Tensor] = []
+    handles = []
+    for module, what in points:
+        if what == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args: store.append(args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out: store.append(out)))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def fp_outputs(
+    unit: Unit, x_fp: torch.Tensor, points: list[CapturePoint], batch: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The unit's output and the tensors at ``points`` (per image), with quantization off, on the FP input."""
+    set_quantization(unit.module, False)
+    outputs: list[torch.Tensor] = []
+    per_batch: list[list[torch.Tensor]] = []
+    with torch.no_grad(), capture(points) as captured:
+        for i in range(0, x_fp.shape[0], batch):
+            chunk = x_fp[i : i + batch]
+            outputs.append(unit(chunk))
+            per_batch.append(per_image(captured, chunk.shape[0]))
+            captured.clear()
+    set_quantization(unit.module, True)
+    return torch.cat(outputs), [torch.cat(layer) for layer in zip(*per_batch, strict=True)]
+
+
+def calibration_block_loss(unit: Unit, inputs: torch.Tensor, target: torch.Tensor, batch: int) -> float:
+    """The block loss of ``unit`` on all of ``inputs`` against ``target`` (a mean over images)."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            chunk = inputs[i : i + batch]
+            total += block_loss(unit(chunk), target[i : i + batch]).item() * chunk.shape[0]
+    return total / inputs.shape[0]

@@ -1,0 +1,70 @@
+"""Reconstruction settings: how every unit is optimised (``ReconConfig``) and on which loss (``LossConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTANCES, LossFusion
+
+# Where IBLS may align a block's layers: the outputs of these Linears, the attention probabilities (the input of
+# ``attn @ v``) and the output of ``attn @ v``.
+LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Optimisation settings of every unit (method.md section 2)."""
+
+    iters: int = 20_000
+    batch_size: int = 32
+    quant_prob: float = 0.5  # QDrop's p: the chance that an element is quantized (1: BRECQ-style, no drop)
+    weight_lr: float = 1e-3
+    scale_lr: float = 4e-5
+    round_warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    learn_log_delta: bool = False
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch_size < 1:
+            raise ConfigError(f"method.recon.iters={self.iters} and batch_size={self.batch_size} must be >= 1.")
+        if not 0.0 <= self.quant_prob <= 1.0:
+            raise ConfigError(f"method.recon.quant_prob={self.quant_prob} must lie in [0, 1] (1 = no QDrop).")
+        if not 0.0 <= self.round_warmup < 1.0:
+            raise ConfigError(f"method.recon.round_warmup={self.round_warmup} must lie in [0, 1).")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and their fusion (method.md sections 3 to 5); a zero weight switches a term off."""
+
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    round_weight: float = 0.01
+    fusion: str = "block_mean"
+    warmup: float = 0.0
+    global_distance: str = "kl"
+    temperature: float = 4.0
+    global_every: int = 1
+    local_distance: str = "nmse"
+    local_layers: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_MODES:
+            raise ConfigError(f"method.loss.fusion={self.fusion!r} is unknown. Fix: one of {FUSION_MODES}.")
+        if self.global_distance not in GLOBAL_DISTANCES:
+            raise ConfigError(f"method.loss.global_distance={self.global_distance!r}. Fix: one of {GLOBAL_DISTANCES}.")
+        if self.local_distance not in LOCAL_DISTANCES:
+            raise ConfigError(f"method.loss.local_distance={self.local_distance!r}. Fix: one of {LOCAL_DISTANCES}.")
+        if self.global_every < 1 or self.temperature <= 0:
+            raise ConfigError("method.loss.global_every must be >= 1 and method.loss.temperature > 0.")
+        unknown = sorted(set(self.local_layers) - set(LOCAL_POINTS))
+        if unknown:
+            raise ConfigError(f"method.loss.local_layers has unknown {unknown}. Fix: pick from {LOCAL_POINTS}.")
+        if min(self.global_weight, self.local_weight, self.round_weight) < 0:
+            raise ConfigError("method.loss weights must be >= 0.")
+
+    def new_fusion(self) -> LossFusion:
+        """A fusion for one unit: it fixes its normalisers on the unit's first mini-batch."""
+        return LossFusion(self.global_weight, self.local_weight, self.round_weight, self.fusion, self.warmup)

@@ -1,0 +1,39 @@
+"""Loss curves of a reconstruction: every reported step's loss terms, per unit (``recon_curves.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from mgrq_runner.files import write_text_atomic
+
+# Called as ``on_step(unit_name, step, loss_terms, total_steps)`` every 10 steps and at a unit's last step.
+StepCallback = Callable[[str, int, dict[str, float], int], None]
+
+
+class LossCurves:
+    """A step callback that records the loss terms per unit, then forwards them (e.g. to a progress display)."""
+
+    def __init__(self, forward_to: StepCallback | None = None) -> None:
+        self.curves: dict[str, dict[str, list[float]]] = {}
+        self.forward_to = forward_to
+
+    def __call__(self, unit: str, step: int, terms: dict[str, float], total: int) -> None:
+        curve = self.curves.setdefault(unit, {"step": []})
+        curve["step"].append(step)
+        for name, value in terms.items():
+            curve.setdefault(name, []).append(value)
+        if self.forward_to is not None:
+            self.forward_to(unit, step, terms, total)
+
+    def restore(self, path: Path, units: list[str]) -> None:
+        """Takes back the curves an interrupted run recorded in ``path`` for ``units`` (none where it has none)."""
+        try:
+            curves = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        self.curves = {unit: curves[unit] for unit in units if unit in curves}
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(self.curves))

@@ -1,0 +1,160 @@
+"""The optimisation of one unit (OBWR): prepare it, step on the fused loss, harden it and report convergence.
+
+``UnitOptimizer`` is what the engine runs for every unit, and what a benchmark or a test drives step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mgrq_runner.errors import NumericalError
+from mgrq_runner.quant.api import activation_quantizers, quant_layers
+from mgrq_runner.quant.primitives import random_mask
+from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from mgrq_runner.recon.adaround import AdaRound, rounding_beta
+from mgrq_runner.recon.cache import CapturePoint, UnitTargets, calibration_block_loss, capture, per_image
+from mgrq_runner.recon.config import LossConfig, ReconConfig
+from mgrq_runner.recon.losses import block_loss, global_loss, local_loss
+from mgrq_runner.recon.units import Unit
+
+# The unit's output pushed through the frozen FP rest of the model: logits (or the pre-head feature). None for
+# the head, whose own output already is the logits.
+Remainder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def qdrop_input(x_q: torch.Tensor, x_fp: torch.Tensor, quant_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Each element is taken from ``x_q`` with probability ``quant_prob``, else from ``x_fp``."""
+    if quant_prob >= 1.0:
+        return x_q
+    return torch.lerp(x_fp, x_q, random_mask(x_q, quant_prob, generator))
+
+
+def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[AdaRound], list[nn.Parameter]]:
+    """Attaches AdaRound to every quantized layer, makes step sizes learnable, turns QDrop on."""
+    roundings = []
+    for _, layer in quant_layers(module):
+        layer.unfreeze()
+        layer.rounding = AdaRound(layer.weight.detach(), layer.weight_quantizer).to(layer.weight.device)
+        roundings.append(layer.rounding)
+    scales = []
+    for _, quantizer in activation_quantizers(module):
+        quantizer.quant_prob = recon.quant_prob
+        if isinstance(quantizer, UniformQuantizer):
+            scales.append(quantizer.scale)
+        elif isinstance(quantizer, LogSqrt2Quantizer) and recon.learn_log_delta:
+            scales.append(quantizer.delta)
+    for parameter in scales:
+        parameter.requires_grad_(True)
+    return roundings, scales
+
+
+def harden_unit(module: nn.Module, roundings: list[AdaRound], scales: list[nn.Parameter]) -> None:
+    """Fixes the rounding (``h(V) -> 1[V >= 0]``), freezes step sizes, turns QDrop off."""
+    for rounding in roundings:
+        rounding.hard = True
+    for parameter in scales:
+        parameter.requires_grad_(False)
+    _qdrop_off(module)
+
+
+def _qdrop_off(module: nn.Module) -> None:
+    for _, quantizer in activation_quantizers(module):
+        quantizer.quant_prob = 1.0
+
+
+class UnitOptimizer:
+    """Optimises one unit's AdaRound variables and activation step sizes on the fused loss.
+
+    Args:
+        unit: the quantized unit (modified in place).
+        remainder: its output -> FP logits of the rest of the model, for EBGS; None for the head.
+        targets: the unit's FP targets for every calibration image.
+        points: the IBLS capture points in ``unit`` (empty: no local term).
+        recon: optimisation settings.
+        losses: loss settings.
+    """
+
+    def __init__(
+        self,
+        unit: Unit,
+        remainder: Remainder | None,
+        targets: UnitTargets,
+        points: list[CapturePoint],
+        recon: ReconConfig,
+        losses: LossConfig,
+    ) -> None:
+        self.unit, self.remainder, self.targets, self.points = unit, remainder, targets, points
+        self.recon, self.losses = recon, losses
+        self.roundings, self.scales = prepare_unit(unit.module, recon)
+        self.fusion = losses.new_fusion()
+        self.weight_optimizer = torch.optim.Adam([r.variable for r in self.roundings], lr=recon.weight_lr)
+        self.scale_optimizer = torch.optim.Adam(self.scales, lr=recon.scale_lr) if self.scales else None
+        self.scale_schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_optimizer, T_max=recon.iters)
+            if self.scale_optimizer
+            else None
+        )
+
+    def loss_terms(self, inputs: torch.Tensor, images: torch.Tensor, with_global: bool) -> dict[str, torch.Tensor]:
+        """Block, global (EBGS) and local (IBLS) terms of one mini-batch: ``inputs`` of calibration ``images``."""
+        with capture(self.points) as captured:
+            output = self.unit(inputs)
+        terms = {"block": block_loss(output, self.targets.output[images])}
+        if with_global and self.remainder is not None and self.targets.logits is not None:
+            logits = self.remainder(output)
+            terms["global"] = global_loss(
+                logits, self.targets.logits[images], self.losses.global_distance, self.losses.temperature
+            )
+        if self.points:
+            layers = per_image(captured, inputs.shape[0])
+            targets = [t[images] for t in self.targets.layers]
+            terms["local"] = local_loss(layers, targets, self.losses.local_distance)
+        return terms
+
+    def step(
+        self, step: int, x_q: torch.Tensor, x_fp: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a random mini-batch of the cached inputs; returns the loss terms (detached)."""
+        recon = self.recon
+        images = torch.randint(0, x_q.shape[0], (recon.batch_size,), generator=generator, device=generator.device)
+        inputs = qdrop_input(x_q[images], x_fp[images], recon.quant_prob, generator)
+        terms = self.loss_terms(inputs, images, step % self.losses.global_every == 0)
+        beta = rounding_beta(step, recon.iters, recon.round_warmup, recon.beta_start, recon.beta_end)
+        if beta is not None:
+            terms["rounding"] = torch.stack([r.regularizer(beta) for r in self.roundings]).sum()
+        total = self.fusion(terms, step / recon.iters)
+        if not torch.isfinite(total):
+            bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
+            raise NumericalError(
+                f"reconstruction of unit {self.unit.name} diverged at step {step}: the {bad} loss is not finite. "
+                "Fix: lower method.recon.scale_lr or method.recon.weight_lr, or check the calibration data."
+            )
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        if self.scale_optimizer is not None:
+            self.scale_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.weight_optimizer.step()
+        if self.scale_optimizer is not None and self.scale_schedule is not None:
+            self.scale_optimizer.step()
+            self.scale_schedule.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def harden(self, x_q: torch.Tensor) -> dict[str, float]:
+        """Hardens the unit and reports its convergence (method.md section 5, ``recon.convergence``).
+
+        ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized input, no
+        QDrop) just before and just after hardening; ``undecided`` is the fraction of rounding variables with
+        ``0.01 < h(V) < 0.99`` at the end.
+        """
+        with torch.no_grad():
+            soft = torch.cat([r.soft_rounding().flatten() for r in self.roundings])
+            undecided = ((soft > 0.01) & (soft < 0.99)).float().mean().item()
+        _qdrop_off(self.unit.module)
+        batch = self.recon.batch_size
+        block_soft = calibration_block_loss(self.unit, x_q, self.targets.output, batch)
+        harden_unit(self.unit.module, self.roundings, self.scales)
+        block_hard = calibration_block_loss(self.unit, x_q, self.targets.output, batch)
+        return {"block_soft": block_soft, "block_hard": block_hard, "undecided": undecided}

@@ -1,0 +1,145 @@
+"""The state of an unfinished reconstruction, saved after every finished unit so that a run can resume.
+
+``<run_dir>/recon_state/`` holds one safetensors file per finished unit (the unit's tensors as reconstruction left
+them, and the RNG states right after it) and ``manifest.json``, written last, listing the finished units (name,
+final loss terms, seconds) and the fingerprint of the config they were made with. Every file is written under a
+temporary name and then moved into place, so a crash mid-save leaves the previous, valid state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
+from mgrq_runner.quant.api import quant_layers
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Raises ConfigError naming every key whose value differs between two config fingerprints."""
+    keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if keys:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+        raise ConfigError(
+            f"resume: {where} was made with a different config ({diffs}). Fix: resume with the original values, "
+            "or start a new run (resume=false and a new output dir)."
+        )
+
+
+def _derived_keys(module: nn.Module) -> set[str]:
+    """State that reconstruction never changes or recomputes exactly: FP weights, AdaRound's ``floor``."""
+    keys = set()
+    for name, layer in quant_layers(module):
+        prefix = f"{name}." if name else ""
+        keys.add(f"{prefix}weight")
+        if layer.rounding is not None:
+            keys.add(f"{prefix}rounding.floor")
+    return keys
+
+
+class ReconState:
+    """The finished units of one run's reconstruction, saved in ``directory`` (one file per unit, a manifest).
+
+    Args:
+        directory: ``<run_dir>/recon_state``.
+        fingerprint: what the reconstruction depends on (e.g. the run config's relevant keys), recorded in the
+            manifest and compared on resume.
+        on_save: called with the finished units' names after every save (results.json's ``resumable``).
+    """
+
+    def __init__(
+        self, directory: Path, fingerprint: dict[str, Any], on_save: Callable[[list[str]], None] | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.on_save = on_save
+        self.units: list[dict[str, Any]] = []  # name, file, seconds, final; in unit order
+
+    @property
+    def names(self) -> list[str]:
+        return [unit["name"] for unit in self.units]
+
+    def resume(self) -> None:
+        """Loads the manifest (if any) after checking that it was made with the current config."""
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            return
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"resume: {path} is not valid JSON ({err}). Fix: delete {self.directory}.") from err
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"resume: {path} has an unknown format. Fix: delete {self.directory}.")
+        check_same_config(manifest["fingerprint"], self.fingerprint, self.directory)
+        self.units = manifest["units"]
+        log.info("resume: %d finished units in %s: %s", len(self.units), self.directory, self.names)
+
+    def clear(self) -> None:
+        """Forgets any saved state (a fresh run in a used directory)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.units = []
+
+    def save(
+        self,
+        index: int,
+        name: str,
+        module: nn.Module,
+        seconds: float,
+        final: dict[str, float],
+        generator: torch.Generator,
+    ) -> None:
+        """Saves finished unit ``index``: its tensors, the RNG states now, then the manifest listing it."""
+        if index != len(self.units):
+            raise RuntimeError(f"unit {name} is #{index} but {len(self.units)} units are saved")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        skip = _derived_keys(module)
+        tensors = {f"state.{k}": cpu_copy(v) for k, v in module.state_dict().items() if k not in skip}
+        tensors["rng.generator"] = generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if generator.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(generator.device)
+        file = f"{index:03d}_{name}.safetensors"
+        write_atomic(self.directory / file, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
+        self.units.append({"name": name, "file": file, "seconds": seconds, "final": final})
+        manifest = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.units}
+        write_text_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if self.on_save is not None:
+            self.on_save(self.names)
+
+    def load(
+        self, index: int, name: str, module: nn.Module, generator: torch.Generator
+    ) -> tuple[float, dict[str, float]]:
+        """Restores finished unit ``index`` into ``module`` (prepared as for optimisation) and the RNG states
+        saved after it; returns its wall time and final loss terms."""
+        entry = self.units[index]
+        path = self.directory / entry["file"]
+        if entry["name"] != name:
+            raise ConfigError(f"resume: unit #{index} is {name} but {path} holds {entry['name']}. Fix: delete it.")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"resume: {path} cannot be read ({err}). Fix: delete {self.directory}.") from err
+        state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if set(missing) != _derived_keys(module) or unexpected:
+            raise ConfigError(f"resume: {path} does not fit unit {name}. Fix: delete {self.directory}.")
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], generator.device)
+        return float(entry["seconds"]), dict(entry["final"])
