@@ -44,7 +44,7 @@ bench-recon: setup ## per-iteration reconstruction cost relative to an FP block 
 # An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
 define experiment
 	$(VENV)/bin/mgrq-run +experiment=$(1) hydra.sweep.dir=$(EXP)/$(1) $(2) $(ARGS)
-	$(PY) scripts/collect.py $(EXP)/$(1) --plots
+	$(VENV)/bin/mgrq-collect $(EXP)/$(1) --plots
 endef
 
 imagenet-given:
@@ -74,4 +74,4 @@ proxy-loss-grid: setup ## the loss-weight grid on the proxy at W3A3 (CPU, about 
 proxy-table: setup ## every method on both proxies (ViT: W4A4/W3A3/W2A4, Swin: W4A4/W3A3) x 3 seeds (CPU, hours), into docs/proxy
 	$(call experiment,proxy_table,)
 	$(call experiment,proxy_swin_table,)
-	$(PY) scripts/collect.py $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots
+	$(VENV)/bin/mgrq-collect $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from mgrq_runner.plots import plot_loss_grid, plot_recon_curves
-from mgrq_runner.tables import find_runs, load_run, load_runs, method_label, summary_markdown, write_summary
+from mgrq_runner.analysis.plots import plot_loss_grid, plot_recon_curves
+from mgrq_runner.analysis.runs import find_runs, load_run, load_runs, method_label
+from mgrq_runner.analysis.tables import summary_markdown, write_summary
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = {"deit_s": "deit_small_patch16_224.fb_in1k", "proxy_vit": "proxy_vit"}
 REPQ_DEIT_S = [68.91, 69.40, 68.75]  # the W4A4 repq DeiT-S cell, three seeds
 
@@ -216,7 +216,7 @@ def test_plot_errors(tmp_path: Path) -> None:
 
 def test_cli(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    cmd = [sys.executable, str(REPO / "scripts" / "collect.py"), str(runs), "--out", str(out), "--plots"]
+    cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(runs), "--out", str(out), "--plots"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert parse_markdown(proc.stdout) == parse_markdown((out / "summary.md").read_text())
@@ -227,7 +227,7 @@ def test_cli(runs: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "collect.py"), str(empty)], capture_output=True, text=True
+        [sys.executable, "-m", "mgrq_runner.analysis.collect", str(empty)], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "no results.json" in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -107,7 +106,7 @@ def test_proxy_table_end_to_end_on_a_tiny_budget(tmp_path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list(sweep.glob("*/results.json"))) == 8
-    collect = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "collect.py"), str(sweep)]
+    collect = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(sweep)]
     done = subprocess.run(collect, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = (sweep / "summary.md").read_text()

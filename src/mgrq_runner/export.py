@@ -31,7 +31,7 @@ from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives as P
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
-from mgrq_runner.quant.modules import _QuantWeightLayer
+from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
 
@@ -41,7 +41,7 @@ MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
 
 
-def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
     if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on
         return layer.rounding.scale, layer.rounding.zero_point
@@ -50,7 +50,7 @@ def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def weight_codes(layer: _QuantWeightLayer) -> torch.Tensor:
+def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
     """The integer codes (uint8) behind the layer's fake-quantized weight.
 
     AdaRound layers: ``floor + 1[V >= 0] + zero_point``, clamped; others: ``quantize(weight)`` on the weight
@@ -239,7 +239,7 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, run_dir: Path) -> N
     except AttributeError:
         raise _mismatch(run_dir, f"no module {module_name!r}") from None
     current = getattr(module, attr, None)
-    if current is None and attr == "bias" and isinstance(module, _QuantWeightLayer):
+    if current is None and attr == "bias" and isinstance(module, QuantWeightLayer):
         module.bias = nn.Parameter(value.clone(), requires_grad=False)
     elif isinstance(current, torch.Tensor) and current.shape == value.shape:
         current.copy_(value)

@@ -15,7 +15,7 @@ from torch import nn
 
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.quant.attention import SOFTMAX_QUANTIZERS, QuantViTAttention, QuantWindowAttention
-from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, _QuantWeightLayer
+from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -91,10 +91,10 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model.to(patch_embed.proj.weight.device)  # the new quantizers join the model's device
 
 
-def quant_layers(model: nn.Module) -> Iterator[tuple[str, _QuantWeightLayer]]:
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantWeightLayer]]:
     """All quantized Linear and Conv2d layers, in module order."""
     for name, module in model.named_modules():
-        if isinstance(module, _QuantWeightLayer):
+        if isinstance(module, QuantWeightLayer):
             yield name, module
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
 
-class _QuantWeightLayer(nn.Module):
+class QuantWeightLayer(nn.Module):
     """Shared parts of QuantLinear and QuantConv2d."""
 
     weight: nn.Parameter
@@ -49,7 +49,7 @@ class _QuantWeightLayer(nn.Module):
         return self._frozen_weight is not None
 
 
-class QuantLinear(_QuantWeightLayer):
+class QuantLinear(QuantWeightLayer):
     """``nn.Linear`` with an A-bit per-tensor input quantizer and a W-bit per-output-channel weight quantizer."""
 
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int) -> None:
@@ -65,7 +65,7 @@ class QuantLinear(_QuantWeightLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class QuantConv2d(_QuantWeightLayer):
+class QuantConv2d(QuantWeightLayer):
     """``nn.Conv2d`` (the patch embedding) with an input quantizer and a per-output-channel weight quantizer."""
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, input_bits: int) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mgrq_runner.analysis.runs import FP_LABEL, Record
+from mgrq_runner.analysis.tables import mean_std, method_key, model_key, setting_key
 from mgrq_runner.rundir import RECON_CURVES
-from mgrq_runner.tables import FP_LABEL, Record, mean_std, method_key, model_key, setting_key
 
 TERM_ORDER = ["block", "global", "local", "rounding"]
 

@@ -1,4 +1,4 @@
-"""Collects the ``results.json`` of many runs into per-setting top-1 tables (Markdown and CSV).
+"""Per-setting top-1 tables of many runs (Markdown and CSV), with the published numbers beside them.
 
 Each table is one bit setting (W4A4, W3A3, ...): rows are methods (the FP row first, then the baselines, MGRQ and
 its loss-weight ablations), columns are models in the papers' order, cells are top-1 mean ± std over seeds. The
@@ -8,16 +8,16 @@ papers' ImageNet numbers are added as ``(published)`` rows where the setting and
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, unconverged_units
+from mgrq_runner.analysis.published import PUBLISHED
+from mgrq_runner.analysis.runs import FP_LABEL, UNKNOWN, Record
+from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
 MODEL_ORDER = ["vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"]
@@ -32,138 +32,7 @@ MODEL_NAMES = {
     "swin_b": "Swin-B",
 }
 METHOD_ORDER = ["fp", "minmax", "repq", "brecq", "qdrop", "mgrq"]
-DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
-FP_LABEL = "FP"
-UNKNOWN = "?"
 NO_VALUE = "—"
-
-# Published ImageNet top-1 (%) from /work/shared/method.md: section 8 (W4A4 table, the Swin-T RepQ-ViT W4A4 number
-# given under it, the W3A3 FIMA-Q and LS-ViT lines, GLF-Q's mean of 3 seeds at W3A3 and W4A4) and section 7 (the FP32
-# references of the pinned timm weights).
-# Keyed by setting; the "FP" entry is shown in every table that has ImageNet model columns.
-PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
-    "FP": {
-        "FP32 (published)": {
-            "vit_s": 81.39,
-            "vit_b": 84.54,
-            "deit_t": 72.21,
-            "deit_s": 79.85,
-            "deit_b": 81.80,
-            "swin_t": 81.35,
-            "swin_s": 83.23,
-            "swin_b": 85.27,
-        },
-    },
-    "W4A4": {
-        "RepQ-ViT (published)": {
-            "vit_s": 65.05,
-            "vit_b": 68.48,
-            "deit_t": 57.43,
-            "deit_s": 69.03,
-            "deit_b": 75.61,
-            "swin_t": 72.31,
-            "swin_s": 79.45,
-            "swin_b": 78.32,
-        },
-        "QDrop, APHQ-ViT re-run (published)": {
-            "vit_s": 67.62,
-            "vit_b": 82.02,
-            "deit_t": 64.95,
-            "deit_s": 74.73,
-            "deit_b": 79.64,
-            "swin_s": 81.03,
-            "swin_b": 82.79,
-        },
-        "APHQ-ViT (published)": {
-            "vit_s": 76.07,
-            "vit_b": 82.41,
-            "deit_t": 66.66,
-            "deit_s": 76.40,
-            "deit_b": 80.21,
-            "swin_s": 81.81,
-            "swin_b": 83.42,
-        },
-        "FIMA-Q (published)": {
-            "vit_s": 76.68,
-            "vit_b": 83.04,
-            "deit_t": 66.84,
-            "deit_s": 76.87,
-            "deit_b": 80.33,
-            "swin_s": 81.82,
-            "swin_b": 83.60,
-        },
-        "GLF-Q (published)": {
-            "vit_s": 77.82,
-            "vit_b": 83.22,
-            "deit_t": 67.37,
-            "deit_s": 77.34,
-            "deit_b": 80.53,
-            "swin_s": 82.01,
-            "swin_b": 83.80,
-        },
-    },
-    "W3A3": {
-        "FIMA-Q (published)": {
-            "vit_s": 64.09,
-            "vit_b": 77.63,
-            "deit_t": 55.55,
-            "deit_s": 69.13,
-            "deit_b": 76.54,
-            "swin_s": 77.26,
-            "swin_b": 78.82,
-        },
-        "LS-ViT (published)": {
-            "vit_s": 64.10,
-            "vit_b": 77.65,
-            "deit_t": 55.72,
-            "deit_s": 69.41,
-            "deit_b": 76.57,
-            "swin_s": 77.39,
-            "swin_b": 79.40,
-        },
-        "GLF-Q (published)": {
-            "vit_s": 67.40,
-            "vit_b": 78.18,
-            "deit_t": 56.48,
-            "deit_s": 71.55,
-            "deit_b": 77.20,
-            "swin_s": 78.10,
-            "swin_b": 80.45,
-        },
-    },
-}
-
-
-@dataclass
-class Record:
-    """One run, as read from its ``results.json`` (``status`` is "done", "failed" or "running").
-
-    ``run_dir`` is the directory the file was found in (the recorded ``run_dir`` may be relative or moved).
-    """
-
-    model: str
-    method: str
-    method_name: str
-    setting: str
-    seed: int | None
-    status: str
-    top1: float | None
-    top5: float | None
-    fp_top1: float | None
-    seconds: float
-    run_dir: str
-    global_weight: float | None = None
-    local_weight: float | None = None
-    w_bits: int | None = None
-    a_bits: int | None = None
-    finished: str | None = None
-    error: str | None = None
-    provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
-    unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
-
-    @property
-    def done(self) -> bool:
-        return self.status == "done"
 
 
 @dataclass
@@ -178,134 +47,6 @@ class Table:
     @property
     def header(self) -> list[str]:
         return ["method", *(MODEL_NAMES.get(m, m) for m in self.models), "s/run"]
-
-
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every ``results.json`` under ``paths`` (directories searched recursively, or run dirs / files), sorted."""
-    found: dict[Path, Path] = {}
-    for path in map(Path, paths):
-        if path.is_file():
-            candidates = [path]
-        elif path.is_dir():
-            candidates = list(path.rglob(RESULTS))
-        else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
-        for candidate in candidates:
-            found.setdefault(candidate.resolve(), candidate)
-    return sorted(found.values(), key=str)
-
-
-def compact(value: float) -> str:
-    """A float without trailing zeros: 0, 0.1, 10."""
-    return f"{value:g}"
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def setting_of(method: str, w_bits: Any, a_bits: Any) -> str:
-    """The setting label: FP for the full-precision method (or 32/32 bits), else e.g. W4A4."""
-    if method == "fp" or (w_bits == 32 and a_bits == 32):
-        return FP_LABEL
-    if w_bits is None or a_bits is None:
-        return UNKNOWN
-    return f"W{w_bits}A{a_bits}"
-
-
-def method_label(method: str, global_weight: float | None, local_weight: float | None) -> str:
-    """The row label: the method name, with the loss weights for an mgrq run off the defaults."""
-    weights = {"global_weight": global_weight, "local_weight": local_weight}
-    if method != "mgrq" or all(w is None or w == DEFAULT_LOSS_WEIGHTS[k] for k, w in weights.items()):
-        return method
-    g = DEFAULT_LOSS_WEIGHTS["global_weight"] if global_weight is None else global_weight
-    lw = DEFAULT_LOSS_WEIGHTS["local_weight"] if local_weight is None else local_weight
-    return f"mgrq (λG={compact(g)}, λL={compact(lw)})"
-
-
-def _unreadable(path: Path, error: str) -> Record:
-    return Record(
-        model=UNKNOWN,
-        method=UNKNOWN,
-        method_name=UNKNOWN,
-        setting=UNKNOWN,
-        seed=None,
-        status="failed",
-        top1=None,
-        top5=None,
-        fp_top1=None,
-        seconds=0.0,
-        run_dir=str(path.parent),
-        error=error,
-    )
-
-
-def load_run(path: str | Path) -> Record:
-    """Reads one ``results.json`` (or a run dir holding one); an unreadable file gives a failed record."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return _unreadable(path, f"{type(err).__name__}: {err}")
-    if not isinstance(results, dict):
-        return _unreadable(path, "not a JSON object")
-
-    method = str(results.get("method", UNKNOWN))
-    config = results.get("config")
-    method_cfg = config.get("method") if isinstance(config, dict) else None
-    loss = method_cfg.get("loss") if isinstance(method_cfg, dict) else None
-    loss = loss if isinstance(loss, dict) else {}
-    global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
-
-    status = results.get("status")
-    status = status if status in ("done", "failed", "running") else "failed"
-    error = results.get("error")
-    top1 = _float(results.get("top1"))
-    if status == "done" and top1 is None:
-        status, error = "failed", "status done but no top1"
-    done = status == "done"
-    times = results.get("times")
-    seconds = sum(v for v in times.values() if isinstance(v, int | float)) if isinstance(times, dict) else 0.0
-    seed = results.get("seed")
-    setting = setting_of(method, results.get("w_bits"), results.get("a_bits"))
-    if results.get("eval_split") == "heldout":  # tuning runs score train images: never mixed with val numbers
-        setting += " (held-out train)"
-    versions = results.get("versions") if isinstance(results.get("versions"), dict) else {}
-    provenance = ", ".join(f"{k} {versions[k]}" for k in ("torch", "timm", "mgrq_runner") if k in versions)
-    provenance += f" @ {results['git_sha']}" if results.get("git_sha") else ""
-    model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
-    reconstruction = results.get("reconstruction")
-    return Record(
-        model=str(model),
-        method=method_label(method, global_weight, local_weight),
-        method_name=method,
-        setting=setting,
-        seed=seed if isinstance(seed, int) else None,
-        status=status,
-        top1=top1 if done else None,
-        top5=_float(results.get("top5")) if done else None,
-        fp_top1=_float(results.get("fp_top1")),
-        seconds=float(seconds),
-        run_dir=str(path.parent),
-        global_weight=global_weight,
-        local_weight=local_weight,
-        w_bits=results.get("w_bits"),
-        a_bits=results.get("a_bits"),
-        finished=results.get("finished"),
-        error=None if error is None else str(error),
-        provenance=provenance or None,
-        unconverged=unconverged_units(reconstruction) if isinstance(reconstruction, list) else None,
-    )
-
-
-def load_runs(paths: Iterable[str | Path]) -> list[Record]:
-    """``load_run`` of every ``results.json`` found under ``paths``."""
-    return [load_run(path) for path in find_runs(paths)]
 
 
 def setting_key(setting: str) -> tuple[float, float, str]:

@@ -1,7 +1,7 @@
-"""Collects the results.json of many runs into per-setting top-1 tables, and optionally plots.
+"""``mgrq-collect``: the results.json of many runs into per-setting top-1 tables, and optionally plots.
 
-    python scripts/collect.py outputs/proxy_table                       # writes outputs/proxy_table/summary.*
-    python scripts/collect.py outputs/a outputs/b --out reports --plots
+    mgrq-collect outputs/proxy_table                       # writes outputs/proxy_table/summary.*
+    mgrq-collect outputs/a outputs/b --out reports --plots
 
 Writes <OUT>/summary.md, summary.csv (the tables) and runs.csv (one line per run) and prints the Markdown; OUT
 defaults to the first DIR. With --plots also top1_vs_bits.png, loss_grid.png (when mgrq runs with several loss
@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from mgrq_runner.analysis.runs import Record, find_runs, load_run
+from mgrq_runner.analysis.tables import write_summary
 from mgrq_runner.rundir import RECON_CURVES, results_path
-from mgrq_runner.tables import Record, find_runs, load_run, write_summary
 
 
 def note(message: str) -> None:
@@ -32,7 +33,7 @@ def latest_with_curves(records: list[Record]) -> Record | None:
 
 
 def make_plots(records: list[Record], out: Path) -> None:
-    from mgrq_runner import plots
+    from mgrq_runner.analysis import plots
 
     try:
         note(f"wrote {plots.plot_top1_vs_bits(records, out / 'top1_vs_bits.png')}")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = [load_run(path) for path in paths]
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
-    command = "python scripts/collect.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "mgrq-collect " + " ".join(sys.argv[1:] if argv is None else argv)
     written = write_summary(records, out, header=f"Collected with `{command}` from {len(records)} runs.\n")
     print((out / "summary.md").read_text(), end="")
     note("wrote " + ", ".join(map(str, written)))

@@ -1,0 +1,176 @@
+"""Reading runs back: every ``results.json`` under some directories, one ``Record`` per run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mgrq_runner.recon.convergence import unconverged_units
+from mgrq_runner.rundir import RESULTS
+
+FP_LABEL = "FP"
+UNKNOWN = "?"
+DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
+
+
+@dataclass
+class Record:
+    """One run, as read from its ``results.json`` (``status`` is "done", "failed" or "running").
+
+    ``run_dir`` is the directory the file was found in (the recorded ``run_dir`` may be relative or moved).
+    """
+
+    model: str
+    method: str
+    method_name: str
+    setting: str
+    seed: int | None
+    status: str
+    top1: float | None
+    top5: float | None
+    fp_top1: float | None
+    seconds: float
+    run_dir: str
+    global_weight: float | None = None
+    local_weight: float | None = None
+    w_bits: int | None = None
+    a_bits: int | None = None
+    finished: str | None = None
+    error: str | None = None
+    provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
+    unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``results.json`` under ``paths`` (directories searched recursively, or run dirs / files), sorted."""
+    found: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = list(path.rglob(RESULTS))
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        for candidate in candidates:
+            found.setdefault(candidate.resolve(), candidate)
+    return sorted(found.values(), key=str)
+
+
+def compact(value: float) -> str:
+    """A float without trailing zeros: 0, 0.1, 10."""
+    return f"{value:g}"
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def setting_of(method: str, w_bits: Any, a_bits: Any) -> str:
+    """The setting label: FP for the full-precision method (or 32/32 bits), else e.g. W4A4."""
+    if method == "fp" or (w_bits == 32 and a_bits == 32):
+        return FP_LABEL
+    if w_bits is None or a_bits is None:
+        return UNKNOWN
+    return f"W{w_bits}A{a_bits}"
+
+
+def method_label(method: str, global_weight: float | None, local_weight: float | None) -> str:
+    """The row label: the method name, with the loss weights for an mgrq run off the defaults."""
+    weights = {"global_weight": global_weight, "local_weight": local_weight}
+    if method != "mgrq" or all(w is None or w == DEFAULT_LOSS_WEIGHTS[k] for k, w in weights.items()):
+        return method
+    g = DEFAULT_LOSS_WEIGHTS["global_weight"] if global_weight is None else global_weight
+    lw = DEFAULT_LOSS_WEIGHTS["local_weight"] if local_weight is None else local_weight
+    return f"mgrq (λG={compact(g)}, λL={compact(lw)})"
+
+
+def _unreadable(path: Path, error: str) -> Record:
+    return Record(
+        model=UNKNOWN,
+        method=UNKNOWN,
+        method_name=UNKNOWN,
+        setting=UNKNOWN,
+        seed=None,
+        status="failed",
+        top1=None,
+        top5=None,
+        fp_top1=None,
+        seconds=0.0,
+        run_dir=str(path.parent),
+        error=error,
+    )
+
+
+def load_run(path: str | Path) -> Record:
+    """Reads one ``results.json`` (or a run dir holding one); an unreadable file gives a failed record."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return _unreadable(path, f"{type(err).__name__}: {err}")
+    if not isinstance(results, dict):
+        return _unreadable(path, "not a JSON object")
+
+    method = str(results.get("method", UNKNOWN))
+    config = results.get("config")
+    method_cfg = config.get("method") if isinstance(config, dict) else None
+    loss = method_cfg.get("loss") if isinstance(method_cfg, dict) else None
+    loss = loss if isinstance(loss, dict) else {}
+    global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
+
+    status = results.get("status")
+    status = status if status in ("done", "failed", "running") else "failed"
+    error = results.get("error")
+    top1 = _float(results.get("top1"))
+    if status == "done" and top1 is None:
+        status, error = "failed", "status done but no top1"
+    done = status == "done"
+    times = results.get("times")
+    seconds = sum(v for v in times.values() if isinstance(v, int | float)) if isinstance(times, dict) else 0.0
+    seed = results.get("seed")
+    setting = setting_of(method, results.get("w_bits"), results.get("a_bits"))
+    if results.get("eval_split") == "heldout":  # tuning runs score train images: never mixed with val numbers
+        setting += " (held-out train)"
+    versions = results.get("versions") if isinstance(results.get("versions"), dict) else {}
+    provenance = ", ".join(f"{k} {versions[k]}" for k in ("torch", "timm", "mgrq_runner") if k in versions)
+    provenance += f" @ {results['git_sha']}" if results.get("git_sha") else ""
+    model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
+    reconstruction = results.get("reconstruction")
+    return Record(
+        model=str(model),
+        method=method_label(method, global_weight, local_weight),
+        method_name=method,
+        setting=setting,
+        seed=seed if isinstance(seed, int) else None,
+        status=status,
+        top1=top1 if done else None,
+        top5=_float(results.get("top5")) if done else None,
+        fp_top1=_float(results.get("fp_top1")),
+        seconds=float(seconds),
+        run_dir=str(path.parent),
+        global_weight=global_weight,
+        local_weight=local_weight,
+        w_bits=results.get("w_bits"),
+        a_bits=results.get("a_bits"),
+        finished=results.get("finished"),
+        error=None if error is None else str(error),
+        provenance=provenance or None,
+        unconverged=unconverged_units(reconstruction) if isinstance(reconstruction, list) else None,
+    )
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Record]:
+    """``load_run`` of every ``results.json`` found under ``paths``."""
+    return [load_run(path) for path in find_runs(paths)]
