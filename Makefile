@@ -43,7 +43,7 @@ bench-recon: setup ## per-iteration reconstruction cost relative to an FP block 
 
 # An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
 define experiment
-	$(VENV)/bin/mgrq-run +experiment=$(1) hydra.sweep.dir=$(EXP)/$(1) $(2) $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=$(1) hydra.sweep.dir=$(EXP)/$(1) $(2) $(ARGS)
 	$(VENV)/bin/mgrq-collect $(EXP)/$(1) --plots
 endef
 
@@ -66,7 +66,7 @@ loss-grid: setup imagenet-given ## mgrq over global x local loss weights, deit_s
 	$(call experiment,loss_grid,data.root=$(IMAGENET))
 
 optuna-loss: setup ## Optuna search of the loss weights on held-out train images (proxy W3A3; ARGS= to change)
-	$(VENV)/bin/mgrq-run +experiment=optuna_loss hydra.sweep.dir=$(EXP)/optuna_loss $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=optuna_loss hydra.sweep.dir=$(EXP)/optuna_loss $(ARGS)
 
 proxy-loss-grid: setup ## the loss-weight grid on the proxy at W3A3 (CPU, about 15 minutes)
 	$(call experiment,proxy_loss_grid,)

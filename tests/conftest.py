@@ -21,15 +21,18 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
+def compose_config(output_dir: str | Path, *overrides: str, hydra: bool = False) -> DictConfig:
+    """The project's real config composed with ``overrides`` (no progress bars), writing into ``output_dir``;
+    ``hydra`` also returns the ``hydra`` node (sweeper, launcher)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        overrides = (f"output_dir={output_dir}", "progress=false", *overrides)
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Composes the project's config with overrides, writing outputs under ``tmp_path``."""
-
-    def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("config", overrides=[f"output_dir={tmp_path / 'run'}", "progress=false", *overrides])
-
-    return _compose
+    """``compose_config`` writing outputs under ``tmp_path / "run"``."""
+    return lambda *overrides: compose_config(tmp_path / "run", *overrides)
 
 
 def make_imagenet_tree(root: Path, classes: list[int], per_class: int = 2, size: int = 48) -> Path:

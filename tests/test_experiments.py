@@ -7,31 +7,29 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.run import quant_settings, recon_settings
+from tests.conftest import compose_config
 
 IMAGENET_MODELS = {"vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"}
 
 
 def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=["output_dir=/tmp/unused", *overrides], return_hydra_config=hydra)
+    return compose_config("/tmp/unused", *overrides, hydra=hydra)
 
 
 def expand(experiment: str) -> list[list[str]]:
     """The override list of every job of the experiment's sweep, as Hydra's basic sweeper splits it."""
-    sweep = _compose(f"+experiment={experiment}", hydra=True).hydra.sweeper.params
+    sweep = _compose(f"experiment={experiment}", hydra=True).hydra.sweeper.params
     parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in sweep.items()])
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
 
 
 def job_summary(experiment: str, job: list[str]) -> tuple:
-    cfg = _compose(f"+experiment={experiment}", *job)
+    cfg = _compose(f"experiment={experiment}", *job)
     if cfg.method.name != "fp":
         quant_settings(cfg)  # every job's settings validate
     recon, losses = recon_settings(cfg)
@@ -68,7 +66,7 @@ def test_proxy_experiments() -> None:
     assert len(swin) == 48 and len(set(swin)) == 48 and {job[0] for job in swin} == {"proxy_swin"}
     assert {(job[2], job[3]) for job in swin} == {(4, 4), (3, 3)}
     for experiment in ("proxy_table", "proxy_swin_table"):  # a table keeps the thread count fixed
-        assert _compose(f"+experiment={experiment}").threads == 1
+        assert _compose(f"experiment={experiment}").threads == 1
     grid = [job_summary("proxy_loss_grid", job) for job in expand("proxy_loss_grid")]
     assert len(grid) == 9 and all(job[:4] == ("proxy_vit", "mgrq", 3, 3) for job in grid)
 
@@ -76,14 +74,14 @@ def test_proxy_experiments() -> None:
 def test_every_experiment_is_a_multirun_and_a_user_override_wins() -> None:
     experiments = ("table_w4a4", "table_w3a3", "table_w6a6", "ablation", "loss_grid", "proxy_table", "proxy_swin_table")
     for experiment in experiments:
-        assert str(_compose(f"+experiment={experiment}", hydra=True).hydra.mode) == "RunMode.MULTIRUN"
+        assert str(_compose(f"experiment={experiment}", hydra=True).hydra.mode) == "RunMode.MULTIRUN"
     # A sweep narrowed on the command line, as the Makefile and the slow test do it.
-    assert _compose("+experiment=proxy_table", "quant=w2a4").quant.w_bits == 2
+    assert _compose("experiment=proxy_table", "quant=w2a4").quant.w_bits == 2
 
 
 def test_optuna_search_tunes_on_heldout_train_images() -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cfg = _compose("+experiment=optuna_loss", hydra=True)
+    cfg = _compose("experiment=optuna_loss", hydra=True)
     assert cfg.data.eval_split == "heldout" and cfg.method.name == "mgrq"
     sweeper = cfg.hydra.sweeper
     assert "optuna" in sweeper._target_.lower() and sweeper.direction == "maximize" and sweeper.n_trials == 20
@@ -92,7 +90,7 @@ def test_optuna_search_tunes_on_heldout_train_images() -> None:
 
 def test_combinations_helper_is_consistent() -> None:
     # expand() must agree with a plain cartesian product of the comma lists (no Hydra internals drift).
-    sweep = _compose("+experiment=proxy_loss_grid", hydra=True).hydra.sweeper.params
+    sweep = _compose("experiment=proxy_loss_grid", hydra=True).hydra.sweeper.params
     product = list(itertools.product(*[str(v).split(",") for v in sweep.values()]))
     assert len(expand("proxy_loss_grid")) == len(product)
 
@@ -101,7 +99,7 @@ def test_combinations_helper_is_consistent() -> None:
 def test_proxy_table_end_to_end_on_a_tiny_budget(tmp_path) -> None:
     """The proxy_table sweep narrowed to one seed and setting, 3 iterations per unit, then collected."""
     sweep = tmp_path / "sweep"
-    command = ["mgrq-run", "+experiment=proxy_table", "seed=0", "quant=w4a4", "model.recon_iters=3"]
+    command = ["mgrq-run", "experiment=proxy_table", "seed=0", "quant=w4a4", "model.recon_iters=3"]
     command += ["calib.num_images=32", "data.num_eval=200", "progress=false", f"hydra.sweep.dir={sweep}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -125,7 +123,7 @@ def test_proxy_table_end_to_end_on_a_tiny_budget(tmp_path) -> None:
 def test_launchers_compose_with_a_table(launcher: str, target: str, fields: dict) -> None:
     plugin = "hydra_submitit_launcher" if launcher == "slurm" else "hydra_joblib_launcher"
     pytest.importorskip(f"hydra_plugins.{plugin}")
-    cfg = _compose("+experiment=table_w4a4", f"hydra/launcher={launcher}", hydra=True)
+    cfg = _compose("experiment=table_w4a4", f"hydra/launcher={launcher}", hydra=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert {key: cfg.hydra.launcher[key] for key in fields} == fields
     assert len(expand("table_w4a4")) == 32  # the launcher leaves the sweep as it is

@@ -9,12 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mgrq_runner.run as run_module
-from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.export import export_quantized, load_quantized
@@ -24,18 +22,13 @@ from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.adaround import AdaRound
 from mgrq_runner.run import run
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
-from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 
 SMOKE = ("debug=smoke", "progress=false", "export=true")
 METHODS = {
     "repq": ("method=repq",),
     "mgrq": ("method=mgrq", "method.recon.iters=5", "calib.num_images=32"),
 }
-
-
-def _compose(output_dir: Path, *overrides: str) -> Any:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={output_dir}", *overrides])
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +40,7 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def exported(request, tmp_path_factory) -> dict[str, Any]:
     """One exporting run per method; keeps the run's final in-memory quantized model."""
     run_dir = tmp_path_factory.mktemp(request.param) / "run"
-    results, objects = run(_compose(run_dir, *SMOKE, *METHODS[request.param]))
+    results, objects = run(compose_config(run_dir, *SMOKE, *METHODS[request.param]))
     return {"name": request.param, "run_dir": run_dir, "results": results, "model": objects["quant_model"]}
 
 
@@ -102,7 +95,7 @@ def test_size_figures_are_consistent(exported) -> None:
 
 @needs_fashion_mnist
 def test_eval_mode_reproduces_top1(exported, tmp_path) -> None:
-    results, _ = run(_compose(tmp_path / "eval", "debug=smoke", "mode=eval", f"checkpoint={exported['run_dir']}"))
+    results, _ = run(compose_config(tmp_path / "eval", "debug=smoke", "mode=eval", f"checkpoint={exported['run_dir']}"))
     original = exported["results"]
     assert results["status"] == "done" and results["mode"] == "eval"
     assert results["checkpoint"] == str(exported["run_dir"].resolve())
@@ -121,7 +114,7 @@ def test_export_survives_a_failed_evaluation(tmp_path, monkeypatch) -> None:
         raise RuntimeError("evaluation broke")
 
     monkeypatch.setattr(run_module, "evaluate", broken)
-    cfg = _compose(tmp_path / "run", *SMOKE, "method=minmax")
+    cfg = compose_config(tmp_path / "run", *SMOKE, "method=minmax")
     with pytest.raises(RuntimeError, match="evaluation broke"):
         run(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -152,14 +145,14 @@ def test_random_calibration_and_adaround_round_trip(tmp_path) -> None:
 
 def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="mode=eval needs a checkpoint. Fix: add checkpoint="):
-        run(_compose(tmp_path / "a", "mode=eval"))
+        run(compose_config(tmp_path / "a", "mode=eval"))
     with pytest.raises(ConfigError, match="is not a directory. Fix: checkpoint="):
-        run(_compose(tmp_path / "b", "mode=eval", f"checkpoint={tmp_path / 'nowhere'}"))
+        run(compose_config(tmp_path / "b", "mode=eval", f"checkpoint={tmp_path / 'nowhere'}"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=f"has no {EXPORT_MANIFEST}. Fix: re-run that job with export=true"):
         load_quantized(tmp_path / "empty")
     with pytest.raises(ConfigError, match="mode='bogus' is unknown"):
-        run(_compose(tmp_path / "c", "mode=bogus"))
+        run(compose_config(tmp_path / "c", "mode=bogus"))
 
 
 def test_broken_exports_give_clear_errors(tmp_path) -> None:
@@ -180,7 +173,7 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     other_model = tmp_path / "other_model"
     shutil.copytree(good, other_model)
     with pytest.raises(ModelError, match="holds model proxy_vit but the config names deit_tiny"):
-        run(_compose(tmp_path / "d", "mode=eval", f"checkpoint={other_model}", "model=deit_t"))
+        run(compose_config(tmp_path / "d", "mode=eval", f"checkpoint={other_model}", "model=deit_t"))
 
     truncated = tmp_path / "truncated"
     shutil.copytree(good, truncated)

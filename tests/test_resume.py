@@ -8,25 +8,22 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, NumericalError
 from mgrq_runner.recon import StepCallback, UnitOptimizer
 from mgrq_runner.recon.state import MANIFEST
 from mgrq_runner.run import run
 from mgrq_runner.rundir import RECON_STATE
-from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 SMALL = ("method=mgrq", "method.recon.iters=4", "calib.num_images=32", "data.num_eval=300")
 
 
 def small_cfg(output_dir: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={output_dir}", "progress=false", *SMALL, *overrides])
+    return compose_config(output_dir, *SMALL, *overrides)
 
 
 def run_with_logits(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str, Any], torch.Tensor]:
