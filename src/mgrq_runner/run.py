@@ -44,7 +44,7 @@ from mgrq_runner.recon import (
     reconstruct,
     reconstruction_summary,
 )
-from mgrq_runner.record import RunRecord, common_fields, git_revision, library_versions
+from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
 from mgrq_runner.resume import fingerprint, previous_results, resume_target
 from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, results_path
 
@@ -166,7 +166,7 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
             state.resume()
         else:
             state.clear()  # a fresh run in a used directory: nothing of an earlier run is kept
-    record = RunRecord(
+    results_file = ResultsFile(
         results_path(run_dir),
         {
             "model": str(cfg.model.name),
@@ -180,60 +180,60 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
         },
     )
     if state is not None:  # results.json says which units a resumed run would keep, until the run is done
-        state.on_save = lambda names: record.update(
+        state.on_save = lambda names: results_file.update(
             resumable={"finished_units": names, "state_dir": str(state.directory)}
         )
         state.on_save(state.names)
-    with failure_recorded(record):
-        objects = _pipeline(cfg, job, record, state, on_step)
+    with failure_recorded(results_file):
+        objects = _pipeline(cfg, job, results_file, state, on_step)
     if state is not None:
         state.clear()  # a done run is returned as it is when resumed: its units are no longer needed
-    print_summary(record.data)
-    return record.data, objects
+    print_summary(results_file.data)
+    return results_file.data, objects
 
 
 @contextmanager
-def failure_recorded(record: RunRecord) -> Iterator[None]:
+def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
     """Marks results.json ``failed``, with the error, when the block raises (the error is re-raised)."""
     try:
         yield
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        results_file.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
 
 
 def _pipeline(
-    cfg: DictConfig, job: Settings, record: RunRecord, state: ReconState | None, on_step: StepCallback | None
+    cfg: DictConfig, job: Settings, results_file: ResultsFile, state: ReconState | None, on_step: StepCallback | None
 ) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
-    fp_model, bundle = build(cfg, record, job.num_calib, device)
+    fp_model, bundle = build(cfg, results_file, job.num_calib, device)
     models = {"fp": fp_model.to(device)}
     if job.quant is not None and job.init is not None:
-        models["quant"], images = quantize_and_calibrate(fp_model, bundle, cfg, job, record, device)
+        models["quant"], images = quantize_and_calibrate(fp_model, bundle, cfg, job, results_file, device)
         if job.recon is not None and job.losses is not None:
-            reconstruct_stage(models, images, cfg, job, record, state, on_step)
+            reconstruct_stage(models, images, cfg, job, results_file, state, on_step)
         if cfg.get("export", False):  # before evaluation: a failure there still leaves the export
-            with record.stage("export"):
+            with results_file.stage("export"):
                 info = export_info(cfg, job.quant, job.num_calib)
-                record.update(export=export_quantized(models["quant"], record.path.parent, info))
+                results_file.update(export=export_quantized(models["quant"], results_file.path.parent, info))
     elif cfg.get("export", False):
         log.warning("export=true: method %s does not quantize, nothing to export", cfg.method.name)
-    score(models, bundle, cfg, record, device)
-    record.update(num_calib=job.num_calib if job.quant is not None else 0)
+    score(models, bundle, cfg, results_file, device)
+    results_file.update(num_calib=job.num_calib if job.quant is not None else 0)
     return {"fp_model": models["fp"], "quant_model": models.get("quant"), "data": bundle}
 
 
 def build(
-    cfg: DictConfig, record: RunRecord, num_calib: int, device: torch.device
+    cfg: DictConfig, results_file: ResultsFile, num_calib: int, device: torch.device
 ) -> tuple[torch.nn.Module, DataBundle]:
     """Stage ``build_model`` and ``data``: the FP model (on the CPU) and the calibration and evaluation sets."""
-    with record.stage("build_model"):
+    with results_file.stage("build_model"):
         fp_model = create_model(cfg.model)
-    with record.stage("data"):
+    with results_file.stage("data"):
         bundle = build_data(cfg.data, fp_model, max(num_calib, 1), int(cfg.seed))
     check_classes(fp_model, bundle, cfg)
-    record.update(**_model_fields(fp_model, cfg, device))
+    results_file.update(**_model_fields(fp_model, cfg, device))
     return fp_model, bundle
 
 
@@ -248,21 +248,26 @@ def check_classes(model: torch.nn.Module, bundle: DataBundle, cfg: DictConfig) -
 
 
 def quantize_and_calibrate(
-    fp_model: torch.nn.Module, bundle: DataBundle, cfg: DictConfig, job: Settings, record: RunRecord, device: Any
+    fp_model: torch.nn.Module,
+    bundle: DataBundle,
+    cfg: DictConfig,
+    job: Settings,
+    results_file: ResultsFile,
+    device: Any,
 ) -> tuple[torch.nn.Module, torch.Tensor]:
     """Stages ``quantize``, ``load_calibration``, ``calibrate``: the calibrated quantized model and the
     calibration images (on the device)."""
     assert job.quant is not None and job.init is not None
     show = bool(cfg.progress)
-    (record.path.parent / CALIBRATION_LIST).write_text("\n".join(bundle.calibration_ids) + "\n")
-    with record.stage("quantize"):
+    (results_file.path.parent / CALIBRATION_LIST).write_text("\n".join(bundle.calibration_ids) + "\n")
+    with results_file.stage("quantize"):
         quant_model = quantize_(copy.deepcopy(fp_model), job.quant)
     calib_loader = create_loader(bundle.calibration, int(cfg.calib.batch_size), int(cfg.data.workers))
-    with record.stage("load_calibration"):
+    with results_file.stage("load_calibration"):
         images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
         images = images.to(device)
     batches = images.split(int(cfg.calib.batch_size))
-    with record.stage("calibrate"):
+    with results_file.stage("calibrate"):
         calibrate(quant_model, track(batches, len(batches), "calibrate", show), len(batches), job.init, device)
     return quant_model, images
 
@@ -272,14 +277,14 @@ def reconstruct_stage(
     images: torch.Tensor,
     cfg: DictConfig,
     job: Settings,
-    record: RunRecord,
+    results_file: ResultsFile,
     state: ReconState | None,
     on_step: StepCallback | None,
 ) -> None:
     """Stage ``reconstruct``: block-wise reconstruction of ``models["quant"]`` in place; loss curves saved."""
     assert job.recon is not None and job.losses is not None
-    curves_path = record.path.parent / RECON_CURVES
-    with record.stage("reconstruct"), recon_progress(bool(cfg.progress)) as progress:
+    curves_path = results_file.path.parent / RECON_CURVES
+    with results_file.stage("reconstruct"), recon_progress(bool(cfg.progress)) as progress:
         curves = LossCurves(forward_to=_both(progress, on_step))
         if state is not None and state.units:  # a resumed run keeps its restored units' curves
             curves.restore(curves_path, state.names)
@@ -289,7 +294,7 @@ def reconstruct_stage(
             )
         finally:  # the curves so far are kept when a unit diverges
             curves.save(curves_path)
-    record.update(reconstruction=reconstruction_summary(reports))
+    results_file.update(reconstruction=reconstruction_summary(reports))
 
 
 def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallback | None:
@@ -304,14 +309,18 @@ def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallba
 
 
 def score(
-    models: dict[str, torch.nn.Module], bundle: DataBundle, cfg: DictConfig, record: RunRecord, device: torch.device
+    models: dict[str, torch.nn.Module],
+    bundle: DataBundle,
+    cfg: DictConfig,
+    results_file: ResultsFile,
+    device: torch.device,
 ) -> None:
     """Stage ``evaluate``: top-1/top-5 of every model; the last one's are the run's, the FP model's beside them."""
-    with record.stage("evaluate"):
+    with results_file.stage("evaluate"):
         scores = _evaluate(models, bundle.evaluation, cfg, device)
     fp, final = scores.get("fp"), list(scores.values())[-1]
-    record.data.pop("resumable", None)
-    record.update(
+    results_file.data.pop("resumable", None)
+    results_file.update(
         **_score_fields(scores, fp),
         fp_agreement=round(final.agreement, 5) if fp is not None else None,  # no FP model in an export
     )
@@ -396,7 +405,7 @@ def run_eval(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             f"checkpoint {checkpoint} holds model {manifest['model']['name']} but the config names "
             f"{cfg.model.name}. Fix: add model=<its preset> (or model.name={manifest['model']['name']})."
         )
-    record = RunRecord(
+    results_file = ResultsFile(
         results_path(run_dir),
         {
             "mode": "eval",
@@ -411,16 +420,16 @@ def run_eval(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         },
     )
     num_calib = int(manifest["num_calib"])
-    with failure_recorded(record):
+    with failure_recorded(results_file):
         seed_everything(int(cfg.seed))
         device = resolve_device(str(cfg.device))
-        with record.stage("load_checkpoint"):
+        with results_file.stage("load_checkpoint"):
             model = load_quantized(checkpoint, device)
-        with record.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
+        with results_file.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
             bundle = build_data(cfg.data, model, max(num_calib, 1), int(cfg.seed))
         check_classes(model, bundle, cfg)
-        record.update(**_model_fields(model, cfg, device))
-        score({"quant": model}, bundle, cfg, record, device)
-        record.update(num_calib=num_calib)
-    print_summary(record.data)
-    return record.data, {"fp_model": None, "quant_model": model, "data": bundle}
+        results_file.update(**_model_fields(model, cfg, device))
+        score({"quant": model}, bundle, cfg, results_file, device)
+        results_file.update(num_calib=num_calib)
+    print_summary(results_file.data)
+    return results_file.data, {"fp_model": None, "quant_model": model, "data": bundle}

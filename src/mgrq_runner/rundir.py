@@ -1,13 +1,15 @@
-"""The files of a run directory: one name for each, used by the runner that writes them and the tools that read.
+"""The files of a run directory and the schema of its ``results.json``: one definition of each, used by the
+runner that writes them (``results.ResultsFile``, ...) and by the tools that read them (``analysis.runs``).
 
-A run directory holds ``.hydra/`` (Hydra's), ``cli.log`` and:
+A run directory holds ``.hydra/`` (Hydra's), ``cli.log`` and the files named below.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypedDict
 
-RESULTS = "results.json"  # metrics, times, versions, status: record.RunRecord writes it, analysis reads it
+RESULTS = "results.json"  # metrics, times, versions, status: results.ResultsFile writes it, analysis reads it
 CALIBRATION_LIST = "calibration_images.txt"  # the calibration images' ids, one a line
 RECON_CURVES = "recon_curves.json"  # per unit, the loss terms every 10 steps (recon.curves.LossCurves)
 RECON_STATE = "recon_state"  # a folder: the finished units of an unfinished reconstruction (recon.state)
@@ -17,3 +19,53 @@ EXPORT_MANIFEST = "quantized_model.json"  # what the export holds: bits, method,
 
 def results_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESULTS
+
+
+class Results(TypedDict, total=False):
+    """The schema of ``results.json``: what the runner writes and ``analysis.runs`` reads back."""
+
+    # what ran
+    mode: str  # absent for mode=run; "eval" for the evaluation of an export
+    checkpoint: str  # mode=eval: the exported run dir
+    model: str  # timm arch.tag or proxy name
+    preset: str | None  # the model preset (e.g. deit_s); tables are keyed by it
+    method: str  # fp | minmax | repq | brecq | qdrop | mgrq
+    w_bits: int  # 32 for fp
+    a_bits: int
+    dataset: str
+    eval_split: str  # val | heldout (tuning on train images)
+    seed: int
+    config: dict[str, Any]  # the resolved Hydra config
+    # where and with what
+    run_dir: str
+    started: str
+    finished: str
+    versions: dict[str, str]
+    git_sha: str | None
+    threads: int  # torch CPU threads: float reductions depend on it
+    device: str
+    # progress
+    status: str  # running | done | failed
+    error: str  # failed: the error's type and message
+    times: dict[str, float]  # seconds per stage
+    resumable: dict[str, Any]  # while reconstructing: finished units and their state dir
+    resumed_units: list[str]  # a resumed run: the units restored from an interrupted one
+    # the model (timm results-CSV columns)
+    param_count: float  # millions
+    img_size: int
+    crop_pct: float | None
+    interpolation: str | None
+    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds
+    reconstruction: list[dict[str, Any]]
+    export: dict[str, Any]  # export=true: file paths and sizes
+    # scores
+    top1: float
+    top5: float
+    top1_err: float
+    top5_err: float
+    fp_top1: float | None
+    fp_top5: float | None
+    fp_agreement: float | None  # share of evaluation images whose top-1 class equals the FP model's
+    num_calib: int
+    num_eval: int
+    throughput: dict[str, float]  # images per second, per evaluated model

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from mgrq_runner.analysis.runs import Record, find_runs, load_run
+from mgrq_runner.analysis.runs import RunRow, find_runs, load_run
 from mgrq_runner.analysis.tables import write_summary
 from mgrq_runner.rundir import RECON_CURVES, results_path
 
@@ -24,7 +24,7 @@ def note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def latest_with_curves(records: list[Record]) -> Record | None:
+def latest_with_curves(records: list[RunRow]) -> RunRow | None:
     """The most recent finished run (by its finish time, then file time) that has recon_curves.json."""
     candidates = [r for r in records if r.done and (Path(r.run_dir) / RECON_CURVES).is_file()]
     if not candidates:
@@ -32,7 +32,7 @@ def latest_with_curves(records: list[Record]) -> Record | None:
     return max(candidates, key=lambda r: (r.finished or "", os.path.getmtime(results_path(r.run_dir))))
 
 
-def make_plots(records: list[Record], out: Path) -> None:
+def make_plots(records: list[RunRow], out: Path) -> None:
     from mgrq_runner.analysis import plots
 
     try:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.analysis.runs import FP_LABEL, Record
+from mgrq_runner.analysis.runs import FP_LABEL, RunRow
 from mgrq_runner.analysis.tables import mean_std, method_key, model_key, setting_key
 from mgrq_runner.rundir import RECON_CURVES
 
@@ -44,7 +44,7 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def plot_top1_vs_bits(records: Sequence[Record], path: str | Path) -> Path:
+def plot_top1_vs_bits(records: Sequence[RunRow], path: str | Path) -> Path:
     """One subplot per model: mean top-1 (± std) of each method across bit settings, FP as a dashed line."""
     done = [r for r in records if r.done and r.top1 is not None]
     quantized = [r for r in done if r.setting not in (FP_LABEL, "?")]
@@ -83,7 +83,7 @@ def plot_top1_vs_bits(records: Sequence[Record], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_loss_grid(records: Sequence[Record], path: str | Path) -> Path:
+def plot_loss_grid(records: Sequence[RunRow], path: str | Path) -> Path:
     """Heatmaps of mean top-1 over (global_weight, local_weight) of mgrq (and qdrop) runs, per model and setting."""
     cells: dict[tuple[str, str], dict[tuple[float, float], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:

@@ -1,4 +1,4 @@
-"""Reading runs back: every ``results.json`` under some directories, one ``Record`` per run."""
+"""Reading runs back: every ``results.json`` under some directories, one ``RunRow`` per run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mgrq_runner.recon.convergence import unconverged_units
-from mgrq_runner.rundir import RESULTS
+from mgrq_runner.rundir import RESULTS, Results
 
 FP_LABEL = "FP"
 UNKNOWN = "?"
@@ -17,7 +17,7 @@ DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
 
 
 @dataclass
-class Record:
+class RunRow:
     """One run, as read from its ``results.json`` (``status`` is "done", "failed" or "running").
 
     ``run_dir`` is the directory the file was found in (the recorded ``run_dir`` may be relative or moved).
@@ -94,8 +94,8 @@ def method_label(method: str, global_weight: float | None, local_weight: float |
     return f"mgrq (λG={compact(g)}, λL={compact(lw)})"
 
 
-def _unreadable(path: Path, error: str) -> Record:
-    return Record(
+def _unreadable(path: Path, error: str) -> RunRow:
+    return RunRow(
         model=UNKNOWN,
         method=UNKNOWN,
         method_name=UNKNOWN,
@@ -111,13 +111,13 @@ def _unreadable(path: Path, error: str) -> Record:
     )
 
 
-def load_run(path: str | Path) -> Record:
+def load_run(path: str | Path) -> RunRow:
     """Reads one ``results.json`` (or a run dir holding one); an unreadable file gives a failed record."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
     try:
-        results = json.loads(path.read_text())
+        results: Results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return _unreadable(path, f"{type(err).__name__}: {err}")
     if not isinstance(results, dict):
@@ -148,7 +148,7 @@ def load_run(path: str | Path) -> Record:
     provenance += f" @ {results['git_sha']}" if results.get("git_sha") else ""
     model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
     reconstruction = results.get("reconstruction")
-    return Record(
+    return RunRow(
         model=str(model),
         method=method_label(method, global_weight, local_weight),
         method_name=method,
@@ -171,6 +171,6 @@ def load_run(path: str | Path) -> Record:
     )
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[Record]:
+def load_runs(paths: Iterable[str | Path]) -> list[RunRow]:
     """``load_run`` of every ``results.json`` found under ``paths``."""
     return [load_run(path) for path in find_runs(paths)]

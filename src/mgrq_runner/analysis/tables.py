@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgrq_runner.analysis.published import PUBLISHED
-from mgrq_runner.analysis.runs import FP_LABEL, UNKNOWN, Record
+from mgrq_runner.analysis.runs import FP_LABEL, UNKNOWN, RunRow
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
@@ -79,7 +79,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def cell_text(records: Sequence[Record]) -> str:
+def cell_text(records: Sequence[RunRow]) -> str:
     """The table cell of one (setting, method, model) group: "76.12 ± 0.30", "76.12 (1 failed)", "failed"..."""
     if not records:
         return "missing"
@@ -94,12 +94,12 @@ def cell_text(records: Sequence[Record]) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _seconds_text(records: Sequence[Record]) -> str:
+def _seconds_text(records: Sequence[RunRow]) -> str:
     seconds = [r.seconds for r in records if r.done]
     return f"{statistics.mean(seconds):.1f}" if seconds else NO_VALUE
 
 
-def build_tables(records: Sequence[Record]) -> list[Table]:
+def build_tables(records: Sequence[RunRow]) -> list[Table]:
     """One ``Table`` per setting; the fp runs make the first row of every table, published rows come last."""
     readable = [r for r in records if r.setting != UNKNOWN]
     fp_runs = [r for r in readable if r.setting == FP_LABEL]
@@ -135,7 +135,7 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
-def _problems(records: Sequence[Record]) -> list[str]:
+def _problems(records: Sequence[RunRow]) -> list[str]:
     lines = []
     for r in records:
         if r.done:
@@ -145,7 +145,7 @@ def _problems(records: Sequence[Record]) -> list[str]:
     return lines
 
 
-def _duplicates(records: Sequence[Record]) -> str:
+def _duplicates(records: Sequence[RunRow]) -> str:
     """Finished runs that share setting, method, model and seed: the same cell counted twice."""
     groups: dict[tuple, list[str]] = {}
     for r in records:
@@ -158,7 +158,7 @@ def _duplicates(records: Sequence[Record]) -> str:
     )
 
 
-def summary_markdown(records: Sequence[Record]) -> str:
+def summary_markdown(records: Sequence[RunRow]) -> str:
     """Every setting's table under a "## <setting>" heading, then a list of failed / incomplete runs."""
     parts = []
     for table in build_tables(records):
@@ -189,12 +189,12 @@ def summary_markdown(records: Sequence[Record]) -> str:
     return "\n".join(parts)
 
 
-def _run_key(r: Record) -> tuple:
+def _run_key(r: RunRow) -> tuple:
     seed = -1 if r.seed is None else r.seed
     return (setting_key(r.setting), method_key(r.method), model_key(r.model), seed, r.run_dir)
 
 
-def write_summary(records: Sequence[Record], out_dir: str | Path, header: str = "") -> list[Path]:
+def write_summary(records: Sequence[RunRow], out_dir: str | Path, header: str = "") -> list[Path]:
     """Writes ``summary.md``, ``summary.csv`` (the tables, one block per setting) and ``runs.csv`` (one run a line)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

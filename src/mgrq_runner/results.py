@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from mgrq_runner import __version__
 from mgrq_runner.files import write_text_atomic
+from mgrq_runner.rundir import Results
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,16 @@ def git_revision() -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
-class RunRecord:
-    """The run's ``results.json``: fields, per-stage wall times, status; written after every change."""
+class ResultsFile:
+    """The run's ``results.json`` (``Results``): written after every change, with per-stage wall times."""
 
-    def __init__(self, path: Path, fields: dict[str, Any]) -> None:
+    def __init__(self, path: Path, fields: Results) -> None:
         self.path = path
-        self.data: dict[str, Any] = {**fields, "status": "running", "times": {}}
+        self.data: Results = {**fields, "status": "running", "times": {}}
         self.write()
 
     def update(self, **fields: Any) -> None:
-        self.data.update(fields)
+        self.data.update(fields)  # type: ignore[typeddict-item]
         self.write()
 
     @contextmanager
@@ -84,7 +85,7 @@ class RunRecord:
         write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
 
 
-def common_fields(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def common_fields(cfg: DictConfig, run_dir: Path) -> Results:
     """results.json fields every kind of run starts with."""
     return {
         "dataset": str(cfg.data.name),
