@@ -151,21 +151,14 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
     job = settings(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    if resuming:
-        previous = previous_results(run_dir)
-        if previous is not None:
-            check_same_config(fingerprint(previous["config"]), fingerprint(config), results_path(run_dir))
-            if previous.get("status") == "done":
-                log.info("resume: %s is done; its results are returned without recomputing", run_dir)
-                print_summary(previous)
-                return previous, {"fp_model": None, "quant_model": None, "data": None}
-    state = None
-    if job.recon is not None:
-        state = ReconState(run_dir / RECON_STATE, fingerprint(config))
-        if resuming:
-            state.resume()
-        else:
-            state.clear()  # a fresh run in a used directory: nothing of an earlier run is kept
+    previous = previous_results(run_dir) if resuming else None
+    if previous is not None:
+        check_same_config(fingerprint(previous["config"]), fingerprint(config), results_path(run_dir))
+        if previous.get("status") == "done":
+            log.info("resume: %s is done; its results are returned without recomputing", run_dir)
+            print_summary(previous)
+            return previous, {"fp_model": None, "quant_model": None, "data": None}
+    state = recon_state(run_dir, config, resuming) if job.recon is not None else None
     results_file = ResultsFile(
         results_path(run_dir),
         {
@@ -190,6 +183,17 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
         state.clear()  # a done run is returned as it is when resumed: its units are no longer needed
     print_summary(results_file.data)
     return results_file.data, objects
+
+
+def recon_state(run_dir: Path, config: dict[str, Any], resuming: bool) -> ReconState:
+    """The reconstruction's saved units: an interrupted run's when resuming, else none (an earlier run's are
+    dropped)."""
+    state = ReconState(run_dir / RECON_STATE, fingerprint(config))
+    if resuming:
+        state.resume()
+    else:
+        state.clear()
+    return state
 
 
 @contextmanager
