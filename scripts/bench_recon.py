@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer
 from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
-from mgrq_runner.recon.engine import _remainder
+from mgrq_runner.recon.engine import fp_remainder
 from mgrq_runner.recon.units import model_units, run_units
 
 
@@ -94,7 +93,7 @@ def main() -> None:
         points = capture_points(local_unit.module, losses.local_layers) if losses.local_weight > 0 else []
         output, layers = fp_outputs(local_unit, x_fp, points, args.batch_size)
         targets = UnitTargets(output, layers, logits if losses.global_weight > 0 else None)
-        remainder = functools.partial(_remainder, fp_units[index + 1 :], False)
+        remainder = fp_remainder(fp_units, index, pre_logits=False)
         optimizer = UnitOptimizer(local_unit, remainder, targets, points, ReconConfig(iters=1000), losses)
         generator = torch.Generator(device=device).manual_seed(0)
         return lambda: optimizer.step(500, x_fp, x_fp, generator)

@@ -29,7 +29,7 @@ from torch import nn
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
-from mgrq_runner.quant import primitives as P
+from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
 from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
@@ -62,10 +62,12 @@ def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
     if rounding is not None:
         if not rounding.hard:
             raise RuntimeError("AdaRound is not hardened: export after reconstruction has finished")
-        codes = torch.clamp(rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, P.qmax(bits))
+        codes = torch.clamp(
+            rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, primitives.qmax(bits)
+        )
     else:
-        codes = P.quantize(layer.weight, scale, zero_point, bits)
-    if not torch.equal(P.dequantize(codes, zero_point=zero_point, scale=scale), layer.quantized_weight()):
+        codes = primitives.quantize(layer.weight, scale, zero_point, bits)
+    if not torch.equal(primitives.dequantize(codes, zero_point=zero_point, scale=scale), layer.quantized_weight()):
         raise RuntimeError("the exported codes do not reproduce the layer's fake-quantized weight")
     return codes.to(torch.uint8)
 
@@ -272,7 +274,9 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
                 raise _mismatch(run_dir, f"{name}: codes {list(codes.shape)}, weight {list(layer.weight.shape)}")
             shape = (-1,) + (1,) * (codes.dim() - 1)
             with torch.no_grad():
-                layer.weight.copy_(P.dequantize(codes.float(), scale.reshape(shape), zero_point.reshape(shape)))
+                layer.weight.copy_(
+                    primitives.dequantize(codes.float(), scale.reshape(shape), zero_point.reshape(shape))
+                )
             handled |= {f"{name}.weight_codes", f"{name}.weight"}
         for name, quantizer in activations.items():
             if isinstance(quantizer, UniformQuantizer):

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from mgrq_runner.quant import primitives as P
+from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_, set_quantization
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.quant.modules import QuantLinear
@@ -48,15 +48,17 @@ def test_per_tensor_after_reparam_equals_per_channel_before() -> None:
     tokens = torch.randn(256, channels)
     with torch.no_grad():
         activation = norm(tokens)
-        scale, zero_point = P.choose_qparams(activation.amin(0), activation.amax(0), bits)
+        scale, zero_point = primitives.choose_qparams(activation.amin(0), activation.amax(0), bits)
         expected = nn.functional.linear(
-            P.fake_quantize(activation, scale, zero_point, bits), linear.weight, linear.bias
+            primitives.fake_quantize(activation, scale, zero_point, bits), linear.weight, linear.bias
         )
         target_scale, target_zero_point = reparameterize_(norm, linear, scale, zero_point)
         reparam_activation = norm(tokens)
         actual = nn.functional.linear(
-            P.fake_quantize(reparam_activation, target_scale, target_zero_point, bits), linear.weight, linear.bias
+            primitives.fake_quantize(reparam_activation, target_scale, target_zero_point, bits),
+            linear.weight,
+            linear.bias,
         )
     assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
-    codes = P.quantize(reparam_activation, target_scale, target_zero_point, bits)
+    codes = primitives.quantize(reparam_activation, target_scale, target_zero_point, bits)
     assert codes.min() == 0 and codes.max() == 2**bits - 1, "every channel now spans the common grid"

@@ -1,7 +1,6 @@
 """Reconstruction on the shipped proxy: loss terms, where their gradients go, and the error it removes."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer, reconstruct
 from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
 from mgrq_runner.recon.convergence import converged
-from mgrq_runner.recon.engine import _remainder
+from mgrq_runner.recon.engine import fp_remainder
 from mgrq_runner.recon.units import model_units, run_units
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
@@ -52,7 +51,7 @@ def test_global_and_local_terms(proxy) -> None:
     output, layers = fp_outputs(unit, x_fp, points, batch=32)
     targets = UnitTargets(output, layers, logits)
     idx = torch.arange(32)
-    remainder = functools.partial(_remainder, fp_units[index + 1 :], False)
+    remainder = fp_remainder(fp_units, index, pre_logits=False)
     optimizer = UnitOptimizer(unit, remainder, targets, points, ReconConfig(quant_prob=1.0), LossConfig())
     roundings, scales = optimizer.roundings, optimizer.scales
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mgrq_runner.quant import primitives as P
+from mgrq_runner.quant import primitives
 
 
 class Observer:
@@ -59,7 +59,7 @@ class Observer:
 def qdrop_mask(x: torch.Tensor, quant_prob: float) -> torch.Tensor | None:
     """QDrop: 1.0 where an element is quantized (chance ``quant_prob``, in steps of 1/256), 0.0 where it keeps its
     FP value; None when every element is quantized."""
-    return P.random_mask(x, quant_prob) if quant_prob < 1.0 else None
+    return primitives.random_mask(x, quant_prob) if quant_prob < 1.0 else None
 
 
 def _qdrop(x: torch.Tensor, quantized: torch.Tensor, quant_prob: float) -> torch.Tensor:
@@ -88,7 +88,7 @@ class UniformQuantizer(nn.Module):
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Sets the grid covering ``[lo, hi]`` (shape ``[C]`` per channel, scalar per tensor)."""
-        scale, zero_point = P.choose_qparams(lo.detach().float(), hi.detach().float(), self.bits)
+        scale, zero_point = primitives.choose_qparams(lo.detach().float(), hi.detach().float(), self.bits)
         self.set_qparams(scale, zero_point)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -105,8 +105,8 @@ class UniformQuantizer(nn.Module):
             return x
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return P.train_fake_quantize(x, scale, zero_point, self.bits, qdrop_mask(x, self.quant_prob))
-        return _qdrop(x, P.fake_quantize_inference(x, scale, zero_point, self.bits), self.quant_prob)
+            return primitives.train_fake_quantize(x, scale, zero_point, self.bits, qdrop_mask(x, self.quant_prob))
+        return _qdrop(x, primitives.fake_quantize_inference(x, scale, zero_point, self.bits), self.quant_prob)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, enabled={self.enabled}"
@@ -137,7 +137,9 @@ class LogSqrt2Quantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled:
             return x
-        return _qdrop(x, P.log_sqrt2_fake_quantize(x, self.delta, self.bits, self.extra_level), self.quant_prob)
+        return _qdrop(
+            x, primitives.log_sqrt2_fake_quantize(x, self.delta, self.bits, self.extra_level), self.quant_prob
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, extra_level={self.extra_level}, enabled={self.enabled}"

@@ -1,4 +1,4 @@
-"""OBWR: reconstruct a calibrated quantized model one unit at a time, in forward order.
+"""OBWR (optimized block-wise reconstruction): a calibrated quantized model, one unit at a time, in forward order.
 
 For unit i: its quantized-prefix input ``X_q`` and FP input ``X_fp`` are cached; the FP output ``O`` and the FP
 layer outputs (for IBLS) come from the same unit with quantization off, fed ``X_fp`` (``recon.cache``). The unit
@@ -21,7 +21,7 @@ from mgrq_runner.quant.api import quant_layers
 from mgrq_runner.recon.cache import UnitTargets, batched, capture_points, fp_outputs
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.curves import StepCallback
-from mgrq_runner.recon.optimizer import UnitOptimizer, harden_unit, prepare_unit
+from mgrq_runner.recon.optimizer import Remainder, UnitOptimizer, harden_unit, prepare_unit
 from mgrq_runner.recon.state import ReconState
 from mgrq_runner.recon.units import Unit, model_units, run_units
 
@@ -71,7 +71,7 @@ def reconstruct(
     pre_logits = losses.global_distance == "mse_feature"
     fp_logits = None
     if losses.global_weight > 0:
-        fp_logits = batched(functools.partial(_remainder, fp_units, pre_logits), images, batch)
+        fp_logits = batched(functools.partial(_run_remainder, fp_units, pre_logits), images, batch)
 
     x_q, x_fp = images, images
     reports = []
@@ -87,8 +87,7 @@ def reconstruct(
             assert state is not None
             seconds, final = _restore_unit(unit, index, state, recon, generator)
         elif any(True for _ in quant_layers(unit.module)):
-            is_head = index == len(fp_units) - 1
-            remainder = None if is_head else functools.partial(_remainder, fp_units[index + 1 :], pre_logits)
+            remainder = fp_remainder(fp_units, index, pre_logits)
             optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, fp_logits), points, recon, losses)
             final = _optimize(optimizer, x_q, x_fp, generator, on_step)
         for _, layer in quant_layers(unit.module):
@@ -124,7 +123,15 @@ def _optimize(
     return {k: v.item() for k, v in terms.items()} | optimizer.harden(x_q)
 
 
-def _remainder(fp_units: list[Unit], pre_logits: bool, x: torch.Tensor) -> torch.Tensor:
+def fp_remainder(fp_units: list[Unit], index: int, pre_logits: bool) -> Remainder | None:
+    """EBGS's frozen FP remainder after unit ``index``: its output -> logits (or the pre-head feature with
+    ``pre_logits``); None for the head, whose own output already is the logits."""
+    if index == len(fp_units) - 1:
+        return None
+    return functools.partial(_run_remainder, fp_units[index + 1 :], pre_logits)
+
+
+def _run_remainder(fp_units: list[Unit], pre_logits: bool, x: torch.Tensor) -> torch.Tensor:
     """FP ``fp_units`` (the last one the head) applied to ``x``: logits, or the pre-head feature."""
     x = run_units(fp_units[:-1], x)
     return fp_units[-1].module(x, pre_logits=pre_logits)
