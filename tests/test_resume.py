@@ -66,7 +66,7 @@ def test_interrupted_run_resumes_to_the_same_model(point: str, reference, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run(small_cfg(tmp_path), stopping)
     partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["status"] == "failed" and partial["error"].startswith("KeyboardInterrupt")
+    assert partial["status"] == "interrupted" and "resume=true" in partial["error"]
     assert partial["resumable"] == {"finished_units": finished, "state_dir": str(tmp_path / RECON_STATE)}
     assert "top1" not in partial
 

@@ -1,23 +1,36 @@
 """The ``mgrq-run`` command: Hydra composes the config, ``run`` does the work.
 
 The config directory is found from this file's location (an absolute path), so the installed console script
-works from any working directory.
+works from any working directory. A user's mistake ends with one line naming the fix and exit status 2; an
+interruption (Ctrl-C, SIGTERM from a job scheduler) with 128 + the signal number, results.json saying
+``interrupted`` and the finished reconstruction units kept for ``resume=true``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import console
-from mgrq_runner.errors import MgrqError
+from mgrq_runner.errors import Interrupted, MgrqError
+from mgrq_runner.results import ResultsFile, common_fields
 from mgrq_runner.run import run
+from mgrq_runner.rundir import RESULTS, results_path
+from mgrq_runner.validate import check_overrides
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 log = logging.getLogger("mgrq_runner")
@@ -29,19 +42,91 @@ def user_message(err: MgrqError) -> str:
     return text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job timeout, preemption, ``kill``) raises ``Interrupted`` in the main thread, like Ctrl-C."""
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def record_early_failure(cfg: DictConfig, overrides: list[str], message: str) -> None:
+    """A failure before the run wrote its own results.json still leaves one: a sweep and collect list the job."""
+    path = results_path(cfg.output_dir)
+    if path.exists():  # the run's own record (it says failed), or an earlier run's that must stay
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: dict[str, Any] = {"overrides": overrides}
+    for key, where in (("model", "model.name"), ("preset", "model.preset"), ("method", "method.name")):
+        fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
+    for key, where in (("w_bits", "quant.w_bits"), ("a_bits", "quant.a_bits"), ("seed", "seed")):
+        fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
+    try:
+        fields.update(common_fields(cfg, path.parent))
+    except Exception:  # the config is what failed: keep what could be read
+        pass
+    ResultsFile(path, fields).update(status="failed", error=f"ConfigError: {message}")  # type: ignore[arg-type]
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Runs one job; returns top-1 so that sweepers can optimise it."""
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        results, _ = run(cfg)
+        with sigterm_as_interrupt():
+            check_overrides(overrides, cfg)
+            results, _ = run(cfg)
         return float(results["top1"])
     except MgrqError as err:
         message = user_message(err)
         log.error("%s", message)
         console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        try:
+            record_early_failure(cfg, overrides, message)
+        except OSError as write_error:  # e.g. an unwritable run dir: the message above already names the problem
+            log.error("could not write %s: %s", RESULTS, write_error)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             return None  # a sweep goes on with its other jobs; this one's results.json says failed
         sys.exit(2)
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else int(signal.SIGINT)
+        message = (
+            f"interrupted by {signal.Signals(signum).name}. Finished reconstruction units are kept: rerun the same "
+            f"command with hydra.run.dir={cfg.output_dir} resume=true to continue."
+        )
+        log.error("%s", message)
+        console.console.print(f"[bold red]interrupted:[/] {message}")
+        sys.exit(128 + signum)
+
+
+class SweepFailures(Callback):
+    """Ends a sweep with exit status 1 when any of its jobs failed (each job's results.json says which)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = []
+        for path in sorted(sweep_dir.rglob(RESULTS)):
+            if path.stat().st_mtime < getattr(self, "started", 0.0):
+                continue  # an earlier sweep's job in the same directory
+            try:
+                status = json.loads(path.read_text()).get("status")
+            except (OSError, json.JSONDecodeError):
+                status = "unreadable"
+            if status != "done":
+                failed.append(f"{path.parent} ({status})")
+        if failed:
+            log.error("%d job(s) of the sweep did not finish: %s", len(failed), "; ".join(failed))
+            sys.exit(1)
 
 
 if __name__ == "__main__":

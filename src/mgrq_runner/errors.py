@@ -23,3 +23,11 @@ class ModelError(MgrqError):
 
 class NumericalError(MgrqError):
     """A loss or an output became NaN or infinite."""
+
+
+class Interrupted(BaseException):
+    """The run received a termination signal (SIGTERM); like KeyboardInterrupt, not an error of the user's."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

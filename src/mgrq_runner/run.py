@@ -28,7 +28,7 @@ from mgrq_runner.console import print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
 from mgrq_runner.devices import resolve_device
 from mgrq_runner.distributed import evaluate_distributed
-from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.errors import ConfigError, Interrupted, ModelError
 from mgrq_runner.evaluate import EvalResult, evaluate
 from mgrq_runner.export import export_quantized, load_quantized, read_manifest
 from mgrq_runner.models import PROXIES, create_model
@@ -47,6 +47,7 @@ from mgrq_runner.recon import (
 from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
 from mgrq_runner.resume import fingerprint, previous_results, resume_target
 from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, results_path
+from mgrq_runner.validate import check_values
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,8 @@ def check_model_preset(cfg: DictConfig) -> None:
 
 
 def set_threads(cfg: DictConfig) -> None:
-    if cfg.get("threads") is None:
-        return
-    threads = int(cfg.threads)
-    if threads < 1:
-        raise ConfigError(f"threads={threads} must be >= 1. Fix: threads=1, 2, ... or threads=null (torch's default).")
-    torch.set_num_threads(threads)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
 
 
 def seed_everything(seed: int) -> None:
@@ -135,13 +132,11 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
         The results (also in ``<output_dir>/results.json``) and the objects built: ``fp_model`` and
         ``quant_model`` (each None where the job has none) and ``data`` (the ``DataBundle``).
     """
+    check_values(cfg)
     keep_freed_memory()  # reconstruction's big temporaries are reused instead of faulted in afresh
     set_threads(cfg)
-    mode = str(cfg.get("mode", "run"))
-    if mode == "eval":
+    if cfg.mode == "eval":
         return run_eval(cfg)
-    if mode != "run":
-        raise ConfigError(f"mode={mode!r} is unknown. Fix: mode=run, or mode=eval checkpoint=<exported run dir>.")
     run_dir, resuming = resume_target(cfg.get("resume", False), str(cfg.output_dir))
     if run_dir != Path(cfg.output_dir):
         log.info("resume: run %s, its results are written there", run_dir)
@@ -198,12 +193,26 @@ def recon_state(run_dir: Path, config: dict[str, Any], resuming: bool) -> ReconS
 
 @contextmanager
 def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
-    """Marks results.json ``failed``, with the error, when the block raises (the error is re-raised)."""
+    """Marks results.json ``failed`` (or ``interrupted`` by Ctrl-C or SIGTERM), with the reason, when the block
+    raises; the exception goes on."""
     try:
         yield
-    except BaseException as err:
-        results_file.update(status="failed", error=f"{type(err).__name__}: {err}")
+    except (KeyboardInterrupt, Interrupted) as err:
+        reason = f"signal {err.signum}" if isinstance(err, Interrupted) else "KeyboardInterrupt"
+        results_file.update(status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
         raise
+    except BaseException as err:
+        results_file.update(status="failed", error=_error_text(err))
+        raise
+
+
+def _error_text(err: BaseException) -> str:
+    """``Type: message``; an error re-raised from a DataLoader worker keeps its last line, not the traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        return text if ": " in text else f"{type(err).__name__}: {text}"
+    return f"{type(err).__name__}: {text}"
 
 
 def _pipeline(

@@ -36,6 +36,7 @@ class Results(TypedDict, total=False):
     eval_split: str  # val | heldout (tuning on train images)
     seed: int
     config: dict[str, Any]  # the resolved Hydra config
+    overrides: list[str]  # a job that failed before it started: its command-line overrides
     # where and with what
     run_dir: str
     started: str
@@ -45,7 +46,7 @@ class Results(TypedDict, total=False):
     threads: int  # torch CPU threads: float reductions depend on it
     device: str
     # progress
-    status: str  # running | done | failed
+    status: str  # running | done | failed | interrupted
     error: str  # failed: the error's type and message
     times: dict[str, float]  # seconds per stage
     resumable: dict[str, Any]  # while reconstructing: finished units and their state dir

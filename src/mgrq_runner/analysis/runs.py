@@ -18,7 +18,7 @@ DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
 
 @dataclass
 class RunRow:
-    """One run, as read from its ``results.json`` (``status`` is "done", "failed" or "running").
+    """One run, as read from its ``results.json`` (``status`` is "done", "failed", "interrupted" or "running").
 
     ``run_dir`` is the directory the file was found in (the recorded ``run_dir`` may be relative or moved).
     """
@@ -131,7 +131,7 @@ def load_run(path: str | Path) -> RunRow:
     global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
 
     status = results.get("status")
-    status = status if status in ("done", "failed", "running") else "failed"
+    status = status if status in ("done", "failed", "running", "interrupted") else "failed"
     error = results.get("error")
     top1 = _float(results.get("top1"))
     if status == "done" and top1 is None:

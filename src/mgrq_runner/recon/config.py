@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTANCES, LossFusion
@@ -10,6 +12,21 @@ from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTA
 # Where IBLS may align a block's layers: the outputs of these Linears, the attention probabilities (the input of
 # ``attn @ v``) and the output of ``attn @ v``.
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
+
+
+TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_types(settings: Any, prefix: str) -> None:
+    """Each field holds its annotated type: Hydra passes what the command line said (``iters=abc`` is a str)."""
+    for spec in dataclasses.fields(settings):
+        value, kind = getattr(settings, spec.name), TYPES.get(str(spec.type))
+        if kind is None:
+            continue
+        if not isinstance(value, kind) or (spec.type != "bool" and isinstance(value, bool)):
+            what = TYPE_WORDS[str(spec.type)]
+            raise ConfigError(f"{prefix}.{spec.name}={value!r} is not {what}. Fix: {prefix}.{spec.name}=<{what}>.")
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class ReconConfig:
     learn_log_delta: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self, "method.recon")
         if self.iters < 1 or self.batch_size < 1:
             raise ConfigError(f"method.recon.iters={self.iters} and batch_size={self.batch_size} must be >= 1.")
         if not 0.0 <= self.quant_prob <= 1.0:
@@ -51,6 +69,7 @@ class LossConfig:
     local_layers: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
     def __post_init__(self) -> None:
+        check_types(self, "method.loss")
         if self.fusion not in FUSION_MODES:
             raise ConfigError(f"method.loss.fusion={self.fusion!r} is unknown. Fix: one of {FUSION_MODES}.")
         if self.global_distance not in GLOBAL_DISTANCES:

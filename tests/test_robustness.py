@@ -1,0 +1,132 @@
+"""Bad values, invented keys, failing sweep jobs and termination signals: one line, a status, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.files import write_text_atomic
+from mgrq_runner.run import run
+from mgrq_runner.validate import check_overrides
+from tests.conftest import compose_config, needs_fashion_mnist
+
+SMOKE = ("debug=smoke", "data.num_eval=100")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=abc", "seed='abc' is not allowed. Fix: seed=<an integer >= 0>"),
+        ("calib.num_images=0", "calib.num_images=0 is not allowed"),
+        ("calib.num_images=-5", "calib.num_images=-5 is not allowed"),
+        ("calib.num_images=abc", "calib.num_images='abc' is not allowed"),
+        ("threads=0", "threads=0 is not allowed"),
+        ("device=banana", "device='banana' is unknown. Fix: device=auto, cpu"),
+        ("eval.world_size=two", "eval.world_size='two' is not allowed. Fix: eval.world_size=<an integer from 1"),
+        ("eval.world_size=0", "eval.world_size=0 is not allowed"),
+        ("eval.world_size=4096", "eval.world_size=4096 is not allowed"),
+        ("method.recon.iters=abc", "method.recon.iters='abc' is not an integer"),
+        ("method.loss.temperature=hot", "method.loss.temperature='hot' is not a number"),
+        ("data.workers=-1", "data.workers=-1 is not allowed"),
+        ("mode=bogus", "mode='bogus' is unknown"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(tmp_path: Path, override: str, message: str) -> None:
+    cfg = compose_config(tmp_path / "run", "method=mgrq", override)
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("+", r"\+")):
+        run(cfg)
+    assert not (tmp_path / "run" / "results.json").exists(), "nothing ran"
+
+
+def test_invented_keys_are_refused_with_the_close_one(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "+quant.wbits=3")
+    with pytest.raises(ConfigError, match=r"\+quant.wbits=3: quant.wbits is not a setting .* Fix: quant.w_bits=3"):
+        check_overrides(["+quant.wbits=3"], cfg)
+    with pytest.raises(ConfigError, match="dry_runn is not a setting"):
+        check_overrides(["++dry_runn=true"], compose_config(tmp_path, "++dry_runn=true"))
+    check_overrides(["quant.w_bits=3", "+hydra.job.env_set.X=1"], cfg)  # plain overrides and hydra's own pass
+
+
+def test_concurrent_atomic_writes_never_leave_a_broken_file(tmp_path: Path) -> None:
+    """Writers in several processes, a reader in this one: every read parses (unique temporary names)."""
+    path = tmp_path / "results.json"
+    write_text_atomic(path, json.dumps({"n": -1}))
+    code = (
+        "import json, sys\nfrom pathlib import Path\nfrom mgrq_runner.files import write_text_atomic\n"
+        "for i in range(200):\n    write_text_atomic(Path(sys.argv[1]), json.dumps({'n': i, 'pad': 'x' * 50000}))\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(3)]
+    reads = 0
+    while any(w.poll() is None for w in writers):
+        json.loads(path.read_text())
+        reads += 1
+    assert all(w.wait() == 0 for w in writers) and reads > 0
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
+
+
+def mgrq_run(*args: str, multirun: bool = False) -> subprocess.Popen:
+    flags = ["--multirun"] if multirun else []
+    return subprocess.Popen(
+        [sys.executable, "-m", "mgrq_runner.cli", *flags, "progress=false", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@needs_fashion_mnist
+def test_a_sweep_with_a_failed_job_exits_nonzero_and_records_it(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    job = mgrq_run("method=minmax", "quant.w_bits=4,99", *SMOKE, f"hydra.sweep.dir={sweep}", multirun=True)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 1, stderr[-3000:]
+    results = {json.loads(p.read_text())["status"]: json.loads(p.read_text()) for p in sweep.rglob("results.json")}
+    assert set(results) == {"done", "failed"}
+    failed = results["failed"]
+    assert "quant.w_bits=99 is outside 2..8" in failed["error"] and "quant.w_bits=99" in failed["overrides"]
+    assert failed["method"] == "minmax" and failed["w_bits"] == 99
+    assert "1 job(s) of the sweep did not finish" in stdout + stderr
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_run_resumably(tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGTERM (a scheduler's) or SIGINT once a unit is finished: exit 128+signal, one line, results.json says
+    interrupted and lists the finished units, the curves so far are saved; resume=true finishes the run."""
+    run_dir = tmp_path / "run"
+    args = ("method=mgrq", "method.recon.iters=60", *SMOKE, f"hydra.run.dir={run_dir}")
+    job = mgrq_run(*args)
+    results_path = run_dir / "results.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            finished = json.loads(results_path.read_text()).get("resumable", {}).get("finished_units", [])
+        except (OSError, json.JSONDecodeError):
+            finished = []
+        if len(finished) >= 2:
+            break
+    os.kill(job.pid, signum)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and f"interrupted by {signum.name}" in stderr
+    partial = json.loads(results_path.read_text())
+    assert partial["status"] == "interrupted" and len(partial["resumable"]["finished_units"]) >= 2
+    curves = json.loads((run_dir / "recon_curves.json").read_text())
+    assert set(partial["resumable"]["finished_units"]) <= set(curves)
+
+    resumed = mgrq_run(*args, "resume=true")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    done = json.loads(results_path.read_text())
+    assert done["status"] == "done" and done["resumed_units"] == partial["resumable"]["finished_units"]
+    units = [row["unit"] for row in done["reconstruction"]]
+    assert list(json.loads((run_dir / "recon_curves.json").read_text())) == units, "restored units keep curves"
