@@ -15,7 +15,7 @@ from torch import nn
 import mgrq_runner.run as run_module
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.export import export_quantized, load_quantized
+from mgrq_runner.export import export_quantized, file_sha256, load_quantized
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
@@ -175,24 +175,66 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     with pytest.raises(ModelError, match="holds model proxy_vit but the config names deit_tiny"):
         run(compose_config(tmp_path / "d", "mode=eval", f"checkpoint={other_model}", "model=deit_t"))
 
-    truncated = tmp_path / "truncated"
-    shutil.copytree(good, truncated)
-    tensors = load_file(str(truncated / EXPORT_WEIGHTS))
-    del tensors["blocks.1.mlp.fc2.weight_codes"]
-    save_file(tensors, str(truncated / EXPORT_WEIGHTS))
-    with pytest.raises(ModelError, match="blocks.1.mlp.fc2.weight_codes is missing"):
-        load_quantized(truncated)
+    def tampered(name: str, change_tensors=None, change_manifest=None, checksum: bool = True) -> Path:
+        """A copy of the good export with its tensors or manifest changed (and the checksum made to fit)."""
+        where = tmp_path / name
+        shutil.copytree(good, where)
+        if change_tensors is not None:
+            tensors = load_file(str(where / EXPORT_WEIGHTS))
+            change_tensors(tensors)
+            save_file(tensors, str(where / EXPORT_WEIGHTS))
+        manifest = json.loads((where / EXPORT_MANIFEST).read_text())
+        if change_manifest is not None:
+            change_manifest(manifest)
+        if checksum:
+            manifest["weights_sha256"] = file_sha256(where / EXPORT_WEIGHTS)
+        (where / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+        return where
 
-    resized = tmp_path / "resized"
-    shutil.copytree(good, resized)
-    tensors = load_file(str(resized / EXPORT_WEIGHTS))
-    tensors["pos_embed"] = torch.zeros(1, 3, 96)
-    save_file(tensors, str(resized / EXPORT_WEIGHTS))
-    with pytest.raises(ModelError, match="does not fit its model .pos_embed: saved shape"):
-        load_quantized(resized)
+    def drop_codes(tensors):
+        del tensors["blocks.1.mlp.fc2.weight_codes"]
+
+    def resize(tensors):
+        tensors["pos_embed"] = torch.zeros(1, 3, 96)
+
+    def code_too_big(tensors):
+        tensors["blocks.0.attn.qkv.weight_codes"][0, 0] = 16  # 4 bits hold 0..15
+
+    def zero_point_off_grid(tensors):
+        tensors["blocks.0.mlp.fc1.weight_quantizer.zero_point"][3] = 17.0
+
+    def negative_scale(tensors):
+        tensors["blocks.0.attn.qkv.input_quantizer.scale"][0] = -0.1
+
+    def wrong_bits(manifest):
+        manifest["w_bits"] = 3
+
+    def no_model(manifest):
+        del manifest["model"]
+
+    def unknown_key(manifest):
+        manifest["quant_config"]["group_size"] = 128
+
+    cases = [
+        (tampered("unchecked", code_too_big, checksum=False), "does not match the checksum"),
+        (tampered("truncated", drop_codes), "blocks.1.mlp.fc2.weight_codes is missing"),
+        (tampered("resized", resize), "does not fit its model .pos_embed: saved shape"),
+        (tampered("code", code_too_big), r"damaged \(blocks.0.attn.qkv: a weight code of 16 does not fit 4 bits"),
+        (tampered("zero_point", zero_point_off_grid), "blocks.0.mlp.fc1: a zero point is not an integer from 0 to 15"),
+        (tampered("scale", negative_scale), "blocks.0.attn.qkv.input_quantizer: a scale is not a finite positive"),
+        (tampered("bits", change_manifest=wrong_bits), "4-bit weights but the manifest says w_bits=3"),
+        (tampered("no_model", change_manifest=no_model), "lacks model. Fix: re-export"),
+        (tampered("unknown_key", change_manifest=unknown_key), r"unknown keys \['group_size'\]"),
+    ]
+    for where, message in cases:
+        with pytest.raises(ModelError, match=message):
+            load_quantized(where)
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(good, corrupt)
     (corrupt / EXPORT_WEIGHTS).write_bytes(b"\x80\x04 not safetensors")
+    manifest = json.loads((corrupt / EXPORT_MANIFEST).read_text())
+    del manifest["weights_sha256"]  # an export without a checksum is still read, and refused when unreadable
+    (corrupt / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="cannot be read"):
         load_quantized(corrupt)

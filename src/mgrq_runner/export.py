@@ -15,6 +15,8 @@ Tensors are read from safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +39,7 @@ from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
 
 FORMAT = "mgrq-quantized"
 FORMAT_VERSION = 1
+MANIFEST_KEYS = ("model", "method", "w_bits", "a_bits", "quant_config", "num_calib", "layers", "activation_quantizers")
 MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
 
@@ -117,6 +120,14 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, {"layers": layers, "activation_quantizers": activations}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def size_figures(model: nn.Module, layers: dict[str, Any], file_bytes: int) -> dict[str, float]:
     """FP32 vs packed sizes (MB) of the quantized layers' weights and of the whole model.
 
@@ -168,6 +179,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     write_atomic(weights_path, write)
     sizes = size_figures(model, entries["layers"], weights_path.stat().st_size)
     manifest = {
+        "weights_sha256": file_sha256(weights_path),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "weights_file": EXPORT_WEIGHTS,
@@ -212,13 +224,51 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
             f"{path} has format version {manifest.get('format_version')}, this mgrq-runner reads "
             f"{FORMAT_VERSION}. Fix: re-export the run with this version (export=true)."
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ModelError(f"{path} lacks {', '.join(missing)}. Fix: re-export the run with export=true.")
+    if not isinstance(manifest["model"], dict) or "name" not in manifest["model"]:
+        raise ModelError(f"{path}: its model entry has no name. Fix: re-export the run with export=true.")
+    unknown = sorted(set(manifest["quant_config"]) - {f.name for f in dataclasses.fields(QuantConfig)})
+    if unknown:
+        raise ModelError(f"{path}: quant_config has unknown keys {unknown}. Fix: re-export the run with export=true.")
+    for name, layer in manifest["layers"].items():
+        if layer.get("enabled") and layer.get("bits") != manifest["w_bits"]:
+            raise ModelError(
+                f"{path}: layer {name} has {layer.get('bits')}-bit weights but the manifest says w_bits="
+                f"{manifest['w_bits']}. Fix: re-export the run with export=true."
+            )
     return manifest
 
 
-def _read_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+def check_codes(name: str, codes: torch.Tensor, bits: int, run_dir: Path) -> None:
+    """Every saved weight code of layer ``name`` fits ``bits`` bits."""
+    top = primitives.qmax(bits)
+    if int(codes.max()) > top:
+        raise _tampered(run_dir, f"{name}: a weight code of {int(codes.max())} does not fit {bits} bits (max {top})")
+
+
+def check_qparams(name: str, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, run_dir: Path) -> None:
+    """Scales (or a log-sqrt(2) delta) finite and positive; zero points integers on the ``bits``-bit grid."""
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise _tampered(run_dir, f"{name}: a scale is not a finite positive number")
+    if zero_point is None:
+        return
+    top = primitives.qmax(bits)
+    if not (torch.equal(zero_point, zero_point.round()) and bool(((zero_point >= 0) & (zero_point <= top)).all())):
+        raise _tampered(run_dir, f"{name}: a zero point is not an integer from 0 to {top}")
+
+
+def _tampered(run_dir: Path, what: str) -> ModelError:
+    return ModelError(f"the export in {run_dir} is damaged ({what}). Fix: re-export the run with export=true.")
+
+
+def _read_tensors(run_dir: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     path = run_dir / EXPORT_WEIGHTS
     if not path.is_file():
         raise ModelError(f"{run_dir} has no {EXPORT_WEIGHTS}. Fix: re-run that job with export=true.")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise _tampered(run_dir, f"{EXPORT_WEIGHTS} does not match the checksum in {EXPORT_MANIFEST}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -254,7 +304,7 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
     """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    tensors = _read_tensors(run_dir)
+    tensors = _read_tensors(run_dir, manifest.get("weights_sha256"))
     model_cfg = OmegaConf.create({**manifest["model"], "pretrained": False, "checkpoint": None})
     model = quantize_(create_model(model_cfg), QuantConfig(**manifest["quant_config"]))
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
@@ -272,6 +322,8 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
             codes = tensors[f"{name}.weight_codes"]
             if codes.shape != layer.weight.shape or scale.numel() != codes.shape[0]:
                 raise _mismatch(run_dir, f"{name}: codes {list(codes.shape)}, weight {list(layer.weight.shape)}")
+            check_codes(name, codes, layer.weight_quantizer.bits, run_dir)
+            check_qparams(name, scale, zero_point, layer.weight_quantizer.bits, run_dir)
             shape = (-1,) + (1,) * (codes.dim() - 1)
             with torch.no_grad():
                 layer.weight.copy_(
@@ -280,9 +332,14 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
             handled |= {f"{name}.weight_codes", f"{name}.weight"}
         for name, quantizer in activations.items():
             if isinstance(quantizer, UniformQuantizer):
-                quantizer.set_qparams(tensors[f"{name}.scale"], tensors[f"{name}.zero_point"])
+                scale, zero_point = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+                if manifest["activation_quantizers"][name]["enabled"]:
+                    check_qparams(name, scale, zero_point, quantizer.bits, run_dir)
+                quantizer.set_qparams(scale, zero_point)
                 handled |= {f"{name}.scale", f"{name}.zero_point"}
             else:
+                if manifest["activation_quantizers"][name]["enabled"]:
+                    check_qparams(name, tensors[f"{name}.delta"], None, quantizer.bits, run_dir)
                 quantizer.set_delta(tensors[f"{name}.delta"])
                 handled.add(f"{name}.delta")
     except KeyError as err:
