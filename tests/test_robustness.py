@@ -15,6 +15,7 @@ import pytest
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.run import run
+from mgrq_runner.rundir import locked
 from mgrq_runner.validate import check_overrides
 from tests.conftest import compose_config, needs_fashion_mnist
 
@@ -130,3 +131,26 @@ def test_a_signal_ends_the_run_resumably(tmp_path: Path, signum: signal.Signals)
     assert done["status"] == "done" and done["resumed_units"] == partial["resumable"]["finished_units"]
     units = [row["unit"] for row in done["reconstruction"]]
     assert list(json.loads((run_dir / "recon_curves.json").read_text())) == units, "restored units keep curves"
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with locked(run_dir):
+        with pytest.raises(ConfigError, match=rf"run dir {run_dir} is in use by pid {os.getpid()}, started "):
+            run(compose_config(run_dir, "method=fp"))
+    assert not (run_dir / "results.json").exists()
+
+
+@needs_fashion_mnist
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = mgrq_run("method=minmax", *SMOKE, f"hydra.run.dir={run_dir}")
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    before = {p.name: p.read_text() for p in [run_dir / "results.json", *(run_dir / ".hydra").glob("*.yaml")]}
+    refused = mgrq_run("method=minmax", *SMOKE, "quant=w3a3", "resume=true", f"hydra.run.dir={run_dir}")
+    _, stderr = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "different config (quant.a_bits: 4 -> 3, quant.w_bits: 4 -> 3)" in stderr
+    after = {p.name: p.read_text() for p in [run_dir / "results.json", *(run_dir / ".hydra").glob("*.yaml")]}
+    assert after == before

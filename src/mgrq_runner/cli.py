@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -33,6 +34,7 @@ from mgrq_runner.rundir import RESULTS, results_path
 from mgrq_runner.validate import check_overrides
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+ORIGINAL = "original"  # .hydra/original/: the Hydra files of the run that owns the directory
 log = logging.getLogger("mgrq_runner")
 
 
@@ -74,17 +76,50 @@ def record_early_failure(cfg: DictConfig, overrides: list[str], message: str) ->
     ResultsFile(path, fields).update(status="failed", error=f"ConfigError: {message}")  # type: ignore[arg-type]
 
 
+class HydraFiles:
+    """Hydra rewrites ``<run dir>/.hydra/`` at every start, even for a run that is then refused (a resume with
+    another config, a run dir in use). The files of the run that owns the directory are kept in
+    ``.hydra/original/`` and put back when a later start is refused."""
+
+    def __init__(self, run_dir: Path, subdir: str | None) -> None:
+        self.folder = run_dir / subdir if subdir else None
+        self.results = results_path(run_dir)
+        self.before = self.results.read_bytes() if self.results.exists() else None  # an earlier run's record
+        self.owned = self.before is not None
+
+    def _copy(self, source: Path, target: Path) -> None:
+        target.mkdir(exist_ok=True)
+        for file in source.glob("*.yaml"):
+            shutil.copy2(file, target / file.name)
+
+    def keep(self) -> None:
+        """The current files become the directory's own (a first run, or a run that finished here)."""
+        if self.folder is not None and self.folder.is_dir():
+            self._copy(self.folder, self.folder / ORIGINAL)
+
+    def restore(self) -> None:
+        """Puts the owner's files back if this start was refused before it wrote anything of its own."""
+        unchanged = self.results.exists() and self.results.read_bytes() == self.before
+        if self.owned and unchanged and self.folder is not None and (self.folder / ORIGINAL).is_dir():
+            self._copy(self.folder / ORIGINAL, self.folder)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Runs one job; returns top-1 so that sweepers can optimise it."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
+    hydra_files = HydraFiles(Path(cfg.output_dir), hydra_cfg.output_subdir)
+    if not hydra_files.owned:
+        hydra_files.keep()
     try:
         with sigterm_as_interrupt():
             check_overrides(overrides, cfg)
             results, _ = run(cfg)
+        hydra_files.keep()
         return float(results["top1"])
     except MgrqError as err:
+        hydra_files.restore()
         message = user_message(err)
         log.error("%s", message)
         console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)

@@ -46,7 +46,7 @@ from mgrq_runner.recon import (
 )
 from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
 from mgrq_runner.resume import fingerprint, previous_results, resume_target
-from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, results_path
+from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, locked, results_path
 from mgrq_runner.validate import check_values
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,14 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> tuple[dict[str,
         cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with locked(run_dir):
+        return _run_job(cfg, run_dir, resuming, on_step)
+
+
+def _run_job(
+    cfg: DictConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``mode=run`` in its own run directory: the done-run shortcut of a resume, the records, the pipeline."""
     job = settings(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
@@ -409,6 +417,11 @@ def run_eval(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``mode=eval``: evaluates the model exported in ``checkpoint`` on the current config's data."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with locked(run_dir):
+        return _run_eval_job(cfg, run_dir)
+
+
+def _run_eval_job(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("checkpoint") is None:
         raise ConfigError("mode=eval needs a checkpoint. Fix: add checkpoint=<run dir of a run made with export=true>.")
     checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()

@@ -6,8 +6,15 @@ A run directory holds ``.hydra/`` (Hydra's), ``cli.log`` and the files named bel
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypedDict
+
+from mgrq_runner.errors import ConfigError
 
 RESULTS = "results.json"  # metrics, times, versions, status: results.ResultsFile writes it, analysis reads it
 CALIBRATION_LIST = "calibration_images.txt"  # the calibration images' ids, one a line
@@ -15,10 +22,36 @@ RECON_CURVES = "recon_curves.json"  # per unit, the loss terms every 10 steps (r
 RECON_STATE = "recon_state"  # a folder: the finished units of an unfinished reconstruction (recon.state)
 EXPORT_WEIGHTS = "quantized_model.safetensors"  # integer weight codes and quantizer parameters (export.py)
 EXPORT_MANIFEST = "quantized_model.json"  # what the export holds: bits, method, versions, sizes
+LOCK = ".lock"  # held (flock) while a run is active: the pid and start time of its owner
 
 
 def results_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESULTS
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Owns ``run_dir`` for the block: a second run there is refused, naming the owner. The lock is an ``flock``,
+    so it ends with the process however that ends."""
+    path = run_dir / LOCK
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"run dir {run_dir} is in use by {owner}. Fix: wait until it ends, or give this run its own "
+                "hydra.run.dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 class Results(TypedDict, total=False):
