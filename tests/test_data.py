@@ -6,7 +6,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mgrq_runner.data import ImageNetFolder, build_data, imagenet_wnids, load_fashion_mnist, seeded_subset
+from mgrq_runner.data import (
+    ImageNetFolder,
+    build_data,
+    imagenet_wnids,
+    load_fashion_mnist,
+    resolve_imagenet_root,
+    seeded_subset,
+)
 from mgrq_runner.errors import ConfigError, DataError
 from mgrq_runner.models import create_proxy_model
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
@@ -131,3 +138,16 @@ def test_fashion_mnist_missing_and_corrupt(tmp_path: Path) -> None:
 def test_proxy_input_matches_fashion_mnist() -> None:
     model = create_proxy_model(pretrained=False)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_tool_leftovers_are_skipped_and_a_file_root_is_named(imagenet_tree: Path, tmp_path: Path) -> None:
+    count = len(ImageNetFolder(imagenet_tree, "val"))
+    for leftover in (".ipynb_checkpoints", "__MACOSX"):
+        (imagenet_tree / "val" / leftover).mkdir()
+        (imagenet_tree / "val" / leftover / "junk.JPEG").write_bytes(b"not an image")
+    (sorted((imagenet_tree / "val").glob("n*"))[0] / ".hidden.JPEG").write_bytes(b"not an image")
+    assert len(ImageNetFolder(imagenet_tree, "val")) == count
+    root_file = tmp_path / "imagenet.tar"
+    root_file.write_bytes(b"")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        resolve_imagenet_root(str(root_file))

@@ -90,3 +90,16 @@ def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
         load_state_dict(path)
     with pytest.raises(ModelError, match="does not exist"):
         load_state_dict(tmp_path / "missing.pth")
+
+
+def test_a_broken_safetensors_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelError, match="is not a readable safetensors file .* Fix: point model.checkpoint"):
+        load_state_dict(path)
+    sparse = tmp_path / "huge.safetensors"
+    with sparse.open("wb") as f:  # a header length of 2**40 bytes: a truncated or foreign file
+        f.write((1 << 40).to_bytes(8, "little"))
+        f.truncate(1 << 20)
+    with pytest.raises(ModelError, match="is not a readable safetensors file"):
+        load_state_dict(sparse)

@@ -127,6 +127,30 @@ def imagenet_wnids() -> list[str]:
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
+IGNORED_FOLDERS = ("__MACOSX",)  # besides hidden ones (.ipynb_checkpoints, .DS_Store ...): tools leave these
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise DataError(
+            f"folder {folder} cannot be listed ({err.strerror}). Fix: make it readable (chmod a+rx)."
+        ) from err
+
+
+def class_folders(split_dir: Path) -> list[Path]:
+    """The class folders of a split, in name order; hidden folders and tool leftovers are skipped."""
+    return [
+        p for p in _listing(split_dir) if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_FOLDERS
+    ]
+
+
+def image_files(class_dir: Path) -> list[Path]:
+    """The images of a class folder (by extension), in name order; hidden files are skipped."""
+    return [p for p in _listing(class_dir) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+
+
 class ImageNetFolder(Dataset):
     """One split of an ImageNet tree, ``root/<split>/<wnid>/*.JPEG``, labelled with the fixed wnid map.
 
@@ -144,7 +168,7 @@ class ImageNetFolder(Dataset):
             )
         class_index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
         samples: list[tuple[str, int]] = []
-        for class_dir in sorted(p for p in self.split_dir.iterdir() if p.is_dir()):
+        for class_dir in class_folders(self.split_dir):
             if class_dir.name not in class_index:
                 raise DataError(
                     f"{class_dir} is not an ImageNet-1k class folder (expected a wnid such as n01440764). "
@@ -152,7 +176,7 @@ class ImageNetFolder(Dataset):
                     "images into wnid folders)."
                 )
             label = class_index[class_dir.name]
-            samples += [(str(p), label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            samples += [(str(p), label) for p in image_files(class_dir)]
         if not samples:
             raise DataError(
                 f"no images found under {self.split_dir}. Fix: the layout must be {self.split_dir}/<wnid>/*.JPEG."
@@ -167,6 +191,8 @@ class ImageNetFolder(Dataset):
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
+        except PermissionError as err:
+            raise DataError(f"image file {path} cannot be read (permission denied). Fix: chmod a+r it.") from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataError(f"corrupt image file {path} ({err}). Fix: delete or replace that file.") from err
         if self.transform is not None:
@@ -182,6 +208,8 @@ def resolve_imagenet_root(root: str | None) -> Path:
             "variable (layout train/<wnid>/*.JPEG, val/<wnid>/*.JPEG)."
         )
     path = Path(os.path.expanduser(root))
+    if path.exists() and not path.is_dir():
+        raise DataError(f"ImageNet root {path} is a file, not a folder. Fix: data.root=/path/to/imagenet (the folder).")
     if not path.is_dir():
         raise DataError(f"ImageNet root {path} does not exist. Fix: data.root=/path/to/imagenet or IMAGENET_ROOT.")
     return path

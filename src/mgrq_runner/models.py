@@ -135,9 +135,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist. Fix: point model.checkpoint at a weight file.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ModelError(
+                f"{path} is not a readable safetensors file ({str(err).splitlines()[0]}). Fix: point "
+                "model.checkpoint at a complete .safetensors file (or a .pth state_dict)."
+            ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for unsafe or broken files
