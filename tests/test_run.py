@@ -128,3 +128,22 @@ def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
     assert list(curves) == units
     assert curves["blocks.0"]["step"] == [0, 4]  # every 10th step and the last
     assert len(curves["blocks.0"]["global"]) == 2 and "global" not in curves["head"]  # the head has no remainder
+
+
+@needs_fashion_mnist
+def test_swin_proxy_preset_runs_end_to_end(compose_cfg) -> None:
+    """model=proxy_swin through calibration, mgrq (every unit, patch merging included) and evaluation."""
+    cfg = compose_cfg("model=proxy_swin", "model.pretrained=false", "debug=smoke", "method.recon.iters=2")
+    results, objects = run(cfg)
+    units = [row["unit"] for row in results["reconstruction"]]
+    assert units == [
+        "embed",
+        "layers.0.blocks.0",
+        "layers.0.blocks.1",
+        "layers.1.downsample",
+        "layers.1.blocks.0",
+        "layers.1.blocks.1",
+        "head",
+    ]
+    assert results["status"] == "done" and results["dataset"] == "fashion_mnist" and results["preset"] == "proxy_swin"
+    assert type(objects["quant_model"]).__name__ == "SwinTransformer"
