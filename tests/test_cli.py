@@ -78,6 +78,10 @@ def test_malformed_root_and_corrupt_image(tmp_path: Path, imagenet_tree: Path) -
     assert_clear_error(done, f"corrupt image file {bad}")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed" and "calibrate" in results["times"]
+    assert (
+        results["error"] == f"DataError: {results['error'].split(': ', 1)[1]}" and "Traceback" not in results["error"]
+    )
+    assert str(bad) in results["error"]
 
 
 def test_no_imagenet_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import console
-from mgrq_runner.errors import Interrupted, MgrqError
+from mgrq_runner.errors import Interrupted, MgrqError, error_message
 from mgrq_runner.results import ResultsFile, common_fields
 from mgrq_runner.run import run
 from mgrq_runner.rundir import RESULTS, results_path
@@ -36,12 +36,6 @@ from mgrq_runner.validate import check_overrides
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 ORIGINAL = "original"  # .hydra/original/: the Hydra files of the run that owns the directory
 log = logging.getLogger("mgrq_runner")
-
-
-def user_message(err: MgrqError) -> str:
-    """The error's own sentence; an error re-raised from a DataLoader worker carries a traceback first."""
-    text = str(err).strip()
-    return text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
 
 
 @contextmanager
@@ -120,7 +114,7 @@ def main(cfg: DictConfig) -> float | None:
         return float(results["top1"])
     except MgrqError as err:
         hydra_files.restore()
-        message = user_message(err)
+        message = error_message(err)
         log.error("%s", message)
         console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
         try:

@@ -5,6 +5,13 @@ keeps its traceback.
 """
 
 
+def error_message(err: BaseException) -> str:
+    """The error's own sentence: an error re-raised from a DataLoader worker carries the worker's traceback first,
+    and its last line is ``module.Type: sentence``."""
+    text = str(err).strip()
+    return text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+
+
 class MgrqError(Exception):
     """Base class of the errors a user can fix by changing the command, the config or the data."""
 

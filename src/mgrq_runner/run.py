@@ -28,7 +28,7 @@ from mgrq_runner.console import print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
 from mgrq_runner.devices import resolve_device
 from mgrq_runner.distributed import evaluate_distributed
-from mgrq_runner.errors import ConfigError, Interrupted, ModelError
+from mgrq_runner.errors import ConfigError, Interrupted, ModelError, error_message
 from mgrq_runner.evaluate import EvalResult, evaluate
 from mgrq_runner.export import export_quantized, load_quantized, read_manifest
 from mgrq_runner.models import PROXIES, create_model
@@ -210,17 +210,8 @@ def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
         results_file.update(status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
         raise
     except BaseException as err:
-        results_file.update(status="failed", error=_error_text(err))
+        results_file.update(status="failed", error=f"{type(err).__name__}: {error_message(err)}")
         raise
-
-
-def _error_text(err: BaseException) -> str:
-    """``Type: message``; an error re-raised from a DataLoader worker keeps its last line, not the traceback."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1]
-        return text if ": " in text else f"{type(err).__name__}: {text}"
-    return f"{type(err).__name__}: {text}"
 
 
 def _pipeline(
