@@ -23,7 +23,7 @@ def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str)
         quant_settings(cfg)
     recon, losses = recon_settings(cfg)
     if method in ("brecq", "qdrop", "mgrq"):
-        assert recon.iters == (500 if proxy else 20_000)
+        assert recon.iters == (1000 if proxy else 20_000)
         assert recon.quant_prob == (1.0 if method == "brecq" else 0.5)
         assert (losses.global_weight, losses.local_weight) == ((1.0, 1.0) if method == "mgrq" else (0.0, 0.0))
     else:
