@@ -154,3 +154,13 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "different config (quant.a_bits: 4 -> 3, quant.w_bits: 4 -> 3)" in stderr
     after = {p.name: p.read_text() for p in [run_dir / "results.json", *(run_dir / ".hydra").glob("*.yaml")]}
     assert after == before
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    job = mgrq_run("method=fp", f"hydra.run.dir={blocker / 'run'}")
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and "Traceback" not in stdout + stderr
+    text = " ".join(stderr.split())  # the console wraps long lines
+    assert "cannot be written (Not a directory)" in text and "Fix: hydra.run.dir=" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -133,6 +134,29 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", message)
         console.console.print(f"[bold red]interrupted:[/] {message}")
         sys.exit(128 + signum)
+
+
+class OutputDirCheck(Callback):
+    """Refuses, with one line and exit status 2, a run or sweep directory that cannot be created or written
+    (Hydra would fail on it with a traceback before the job starts)."""
+
+    def _check(self, folder: str, key: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            message = f"output dir {path} cannot be written ({err.strerror}). Fix: {key}=<a writable folder>."
+            console.console.print(f"[bold red]error:[/] {message}")
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
 class SweepFailures(Callback):
