@@ -5,7 +5,7 @@ ARGS ?=
 IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
 
-.PHONY: help setup run test test-all lint bench bench-recon train-proxy clean \
+.PHONY: help setup run test test-all lint bench bench-recon train-proxy train-proxy-swin clean \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
 
 help: ## list the targets
@@ -32,8 +32,11 @@ lint: setup ## ruff lint
 bench: setup ## throughput of W4A4 fake-quantized deit_s relative to FP (CPU, batch 32)
 	$(PY) scripts/bench_quant.py
 
-train-proxy: setup ## retrain the shipped proxy ViT on Fashion-MNIST (CPU, about 30 minutes)
+train-proxy: setup ## retrain the shipped proxy ViT on Fashion-MNIST (CPU, about an hour)
 	$(PY) scripts/train_proxy.py
+
+train-proxy-swin: setup ## retrain the shipped Swin proxy on Fashion-MNIST (CPU, 1-2 hours)
+	$(PY) scripts/train_proxy.py --model proxy_swin --epochs 30 --threads 1
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns outputs/experiments
