@@ -36,6 +36,15 @@ from mgrq_runner.validate import check_overrides
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 ORIGINAL = "original"  # .hydra/original/: the Hydra files of the run that owns the directory
+# results.json fields of a job refused before it started, and where its config holds them
+EARLY_FIELDS = {
+    "model": "model.name",
+    "preset": "model.preset",
+    "method": "method.name",
+    "w_bits": "quant.w_bits",
+    "a_bits": "quant.a_bits",
+    "seed": "seed",
+}
 log = logging.getLogger("mgrq_runner")
 
 
@@ -53,22 +62,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def record_early_failure(cfg: DictConfig, overrides: list[str], message: str) -> None:
+def record_early_failure(cfg: DictConfig, overrides: list[str], err: MgrqError) -> None:
     """A failure before the run wrote its own results.json still leaves one: a sweep and collect list the job."""
     path = results_path(cfg.output_dir)
     if path.exists():  # the run's own record (it says failed), or an earlier run's that must stay
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fields: dict[str, Any] = {"overrides": overrides}
-    for key, where in (("model", "model.name"), ("preset", "model.preset"), ("method", "method.name")):
-        fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
-    for key, where in (("w_bits", "quant.w_bits"), ("a_bits", "quant.a_bits"), ("seed", "seed")):
+    for key, where in EARLY_FIELDS.items():
         fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
     try:
         fields.update(common_fields(cfg, path.parent))
     except Exception:  # the config is what failed: keep what could be read
         pass
-    ResultsFile(path, fields).update(status="failed", error=f"ConfigError: {message}")  # type: ignore[arg-type]
+    error = f"{type(err).__name__}: {error_message(err)}"
+    ResultsFile(path, fields).update(status="failed", error=error)  # type: ignore[arg-type]
 
 
 class HydraFiles:
@@ -119,7 +127,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", message)
         console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
         try:
-            record_early_failure(cfg, overrides, message)
+            record_early_failure(cfg, overrides, err)
         except OSError as write_error:  # e.g. an unwritable run dir: the message above already names the problem
             log.error("could not write %s: %s", RESULTS, write_error)
         if hydra_cfg.mode == RunMode.MULTIRUN:
