@@ -63,10 +63,8 @@ def check_values(cfg: DictConfig) -> None:
     if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
         raise ConfigError(f"device={device!r} is unknown. Fix: device=auto, cpu, cuda, cuda:<index> or claim.")
     check_choice(cfg, "mode", ("run", "eval"))
-    for key in ("progress",):
-        check_bool(cfg, key)
-    if not isinstance(cfg.get("export"), bool):
-        raise ConfigError(f"export={cfg.get('export')!r} is not true or false. Fix: export=true or export=false.")
+    check_bool(cfg, "progress")
+    check_bool(cfg, "export")
     check_int(cfg, "calib.num_images", 1, optional=True)
     check_int(cfg, "calib.batch_size", 1)
     check_int(cfg, "eval.world_size", 1, max_world_size(device))
