@@ -15,6 +15,7 @@ from mgrq_runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "mgrq-gpu-locks"
+CPU_CORES = torch.get_num_threads()  # torch's default: the cores this process may use (read before any change)
 _claimed_gpu: tuple[int, Any] | None = None  # (device index, its lock file, open for the process's lifetime)
 
 
@@ -65,3 +66,27 @@ def claim_gpu(lock_dir: Path = GPU_LOCK_DIR) -> str:
         f"device=claim but all {count} visible GPUs are claimed by other jobs. Fix: hydra.launcher.n_jobs={count} "
         f"or fewer (one job per GPU); a claim ends when its process exits (locks in {lock_dir})."
     )
+
+
+def cpu_threads(requested: int | None, concurrent_jobs: int = 1, cores: int = CPU_CORES) -> int:
+    """A job's torch CPU thread count: ``requested``, else the cores shared among the jobs running at once.
+
+    Measured on 2 cores (proxy mgrq step, docs/speed.md): 2 threads alone 31 ms, 1 thread 45 ms; two jobs of 2
+    threads each 2300 ms a step (OpenMP threads spin against each other), of 1 thread each 45 ms.
+    """
+    if requested is not None:
+        return requested
+    return max(1, cores // max(1, concurrent_jobs))
+
+
+def warn_if_cpu_busy(threads: int) -> None:
+    """Warns when other processes already load the cores this job's threads would use (the case above)."""
+    load = os.getloadavg()[0]
+    if threads > 1 and load + threads > CPU_CORES + 0.5:
+        log.warning(
+            "the CPU is busy (load %.1f on %d cores) and this job runs %d torch threads: threads that share cores "
+            "with other processes can make every step many times slower. Fix: threads=1, or run alone.",
+            load,
+            CPU_CORES,
+            threads,
+        )

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.console import print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
-from mgrq_runner.devices import resolve_device
+from mgrq_runner.devices import CPU_CORES, cpu_threads, resolve_device, warn_if_cpu_busy
 from mgrq_runner.distributed import evaluate_distributed
 from mgrq_runner.errors import ConfigError, Interrupted, ModelError, error_message
 from mgrq_runner.evaluate import EvalResult, evaluate
@@ -112,8 +114,22 @@ def check_model_preset(cfg: DictConfig) -> None:
 
 
 def set_threads(cfg: DictConfig) -> None:
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(int(cfg.threads))
+    """``threads=N``, else the cores shared among the jobs the launcher runs at once (``cpu_threads``)."""
+    requested = cfg.get("threads")
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    threads = cpu_threads(None if requested is None else int(requested), launcher_jobs(hydra_cfg))
+    torch.set_num_threads(threads)
+    warn_if_cpu_busy(threads)
+
+
+def launcher_jobs(hydra_cfg: DictConfig | None) -> int:
+    """How many jobs the Hydra launcher runs at once: joblib's ``n_jobs`` (-1: one per core); else 1."""
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, CPU_CORES + 1 + n_jobs)
 
 
 def seed_everything(seed: int) -> None:
