@@ -109,7 +109,7 @@ class HydraFiles:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Runs one job; returns top-1 so that sweepers can optimise it."""
+    """Runs one job; returns top-1 so that sweepers can optimise it (None for a dry run)."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     hydra_files = HydraFiles(Path(cfg.output_dir), hydra_cfg.output_subdir)
@@ -120,7 +120,7 @@ def main(cfg: DictConfig) -> float | None:
             check_overrides(overrides, cfg)
             results, _ = run(cfg)
         hydra_files.keep()
-        return float(results["top1"])
+        return float(results["top1"]) if "top1" in results else None  # none in a dry run
     except MgrqError as err:
         hydra_files.restore()
         message = error_message(err)
@@ -183,7 +183,7 @@ class SweepFailures(Callback):
                 status = json.loads(path.read_text()).get("status")
             except (OSError, json.JSONDecodeError):
                 status = "unreadable"
-            if status != "done":
+            if status not in ("done", "projected"):
                 failed.append(f"{path.parent} ({status})")
         if failed:
             log.error("%d job(s) of the sweep did not finish: %s", len(failed), "; ".join(failed))

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, converged
 from mgrq_runner.recon.curves import StepCallback
+from mgrq_runner.recon.projection import Projection
 from mgrq_runner.rundir import results_path
 
 T = TypeVar("T")
@@ -107,6 +108,30 @@ def convergence_table(units: list[dict[str, Any]]) -> Table:
             "yes" if converged(unit) else "NO",
         )
     return table
+
+
+def print_projection(projection: Projection) -> None:
+    """``dry_run=true``: per unit the step time (measured or interpolated) and projected seconds, then the total."""
+    table = Table(title="projected reconstruction (dry_run: nothing was reconstructed)")
+    for column in ("unit", "ms/step", "iters", "passes s", "seconds", "how"):
+        table.add_column(column, justify="right")
+    for unit in projection.units:
+        how = "timed" if unit.measured else "interpolated"
+        table.add_row(
+            unit.name,
+            f"{1000 * unit.step_seconds:.1f}",
+            str(unit.iters),
+            f"{unit.pass_seconds:.2f}",
+            f"{unit.seconds:.1f}",
+            how,
+        )
+    console.print(table)
+    minutes = projection.seconds / 60
+    console.print(
+        f"projected reconstruction: {projection.seconds:.0f} s ({minutes:.1f} min) on this device, "
+        f"{projection.setup_seconds:.1f} s of it for the FP logits; "
+        f"peak memory {projection.peak_memory_mb:.0f} MiB ({projection.memory})"
+    )
 
 
 def print_summary(results: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner.allocator import keep_freed_memory
-from mgrq_runner.console import print_summary, recon_progress, track
+from mgrq_runner.console import print_projection, print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
 from mgrq_runner.devices import CPU_CORES, cpu_threads, resolve_device, warn_if_cpu_busy
 from mgrq_runner.distributed import evaluate_distributed
@@ -46,6 +46,7 @@ from mgrq_runner.recon import (
     reconstruct,
     reconstruction_summary,
 )
+from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
 from mgrq_runner.resume import fingerprint, previous_results, resume_target
 from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, locked, results_path
@@ -100,6 +101,11 @@ def settings(cfg: DictConfig) -> Settings:
     quant, init = quant_settings(cfg) if quantize else (None, None)
     recon, losses = recon_settings(cfg)
     num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
+    if cfg.get("dry_run", False) and recon is None:
+        raise ConfigError(
+            f"dry_run=true projects a reconstruction, but method {cfg.method.name} does not reconstruct. "
+            "Fix: method=brecq, qdrop or mgrq, or drop dry_run."
+        )
     return Settings(quant, init, recon, losses, num_calib)
 
 
@@ -198,6 +204,8 @@ def _run_job(
         state.on_save(state.names)
     with failure_recorded(results_file):
         objects = _pipeline(cfg, job, results_file, state, on_step)
+    if results_file.data["status"] == "projected":
+        return results_file.data, objects
     if state is not None:
         state.clear()  # a done run is returned as it is when resumed: its units are no longer needed
     print_summary(results_file.data)
@@ -239,6 +247,9 @@ def _pipeline(
     models = {"fp": fp_model.to(device)}
     if job.quant is not None and job.init is not None:
         models["quant"], images = quantize_and_calibrate(fp_model, bundle, cfg, job, results_file, device)
+        if cfg.get("dry_run", False):
+            projection_stage(models, images, cfg, job, results_file)
+            return {"fp_model": models["fp"], "quant_model": models["quant"], "data": bundle}
         if job.recon is not None and job.losses is not None:
             reconstruct_stage(models, images, cfg, job, results_file, state, on_step)
         if cfg.get("export", False):  # before evaluation: a failure there still leaves the export
@@ -323,6 +334,21 @@ def reconstruct_stage(
         finally:  # the curves so far are kept when a unit diverges
             curves.save(curves_path)
     results_file.update(reconstruction=reconstruction_summary(reports))
+
+
+def projection_stage(
+    models: dict[str, torch.nn.Module], images: torch.Tensor, cfg: DictConfig, job: Settings, results_file: ResultsFile
+) -> None:
+    """``dry_run=true``: the projected reconstruction instead of the reconstruction (status ``projected``)."""
+    assert job.recon is not None and job.losses is not None
+    with results_file.stage("projection"):
+        projection = project(models["quant"], models["fp"], images, job.recon, job.losses, int(cfg.seed))
+    results_file.update(
+        status="projected",
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        projection=projection_summary(projection),
+    )
+    print_projection(projection)
 
 
 def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallback | None:

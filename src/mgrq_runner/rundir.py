@@ -79,7 +79,7 @@ class Results(TypedDict, total=False):
     threads: int  # torch CPU threads: float reductions depend on it
     device: str
     # progress
-    status: str  # running | done | failed | interrupted
+    status: str  # running | done | failed | interrupted | projected (dry_run=true)
     error: str  # failed: the error's type and message
     times: dict[str, float]  # seconds per stage
     resumable: dict[str, Any]  # while reconstructing: finished units and their state dir
@@ -92,6 +92,7 @@ class Results(TypedDict, total=False):
     # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds
     reconstruction: list[dict[str, Any]]
     export: dict[str, Any]  # export=true: file paths and sizes
+    projection: dict[str, Any]  # dry_run=true: projected seconds (in all, per unit), peak memory
     # scores
     top1: float
     top5: float

@@ -65,6 +65,7 @@ def check_values(cfg: DictConfig) -> None:
     check_choice(cfg, "mode", ("run", "eval"))
     check_bool(cfg, "progress")
     check_bool(cfg, "export")
+    check_bool(cfg, "dry_run")
     check_int(cfg, "calib.num_images", 1, optional=True)
     check_int(cfg, "calib.batch_size", 1)
     check_int(cfg, "eval.world_size", 1, max_world_size(device))

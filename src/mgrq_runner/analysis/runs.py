@@ -131,7 +131,7 @@ def load_run(path: str | Path) -> RunRow:
     global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
 
     status = results.get("status")
-    status = status if status in ("done", "failed", "running", "interrupted") else "failed"
+    status = status if status in ("done", "failed", "running", "interrupted", "projected") else "failed"
     error = results.get("error")
     top1 = _float(results.get("top1"))
     if status == "done" and top1 is None:
@@ -172,5 +172,5 @@ def load_run(path: str | Path) -> RunRow:
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[RunRow]:
-    """``load_run`` of every ``results.json`` found under ``paths``."""
-    return [load_run(path) for path in find_runs(paths)]
+    """``load_run`` of every ``results.json`` found under ``paths``, except dry runs (status ``projected``)."""
+    return [row for row in map(load_run, find_runs(paths)) if row.status != "projected"]

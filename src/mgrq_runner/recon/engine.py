@@ -69,9 +69,7 @@ def reconstruct(
     generator = torch.Generator(device=images.device).manual_seed(seed)  # draws on the device: no copies
     batch = recon.batch_size
     pre_logits = losses.global_distance == "mse_feature"
-    fp_logits = None
-    if losses.global_weight > 0:
-        fp_logits = batched(functools.partial(_run_remainder, fp_units, pre_logits), images, batch)
+    logits = fp_logits(fp_units, images, losses, batch)
 
     x_q, x_fp = images, images
     reports = []
@@ -88,7 +86,7 @@ def reconstruct(
             seconds, final = _restore_unit(unit, index, state, recon, generator)
         elif any(True for _ in quant_layers(unit.module)):
             remainder = fp_remainder(fp_units, index, pre_logits)
-            optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, fp_logits), points, recon, losses)
+            optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, logits), points, recon, losses)
             final = _optimize(optimizer, x_q, x_fp, generator, on_step)
         for _, layer in quant_layers(unit.module):
             layer.freeze()
@@ -121,6 +119,14 @@ def _optimize(
         if on_step is not None and (step % 10 == 0 or step == iters - 1):
             on_step(name, step, {k: v.item() for k, v in terms.items()}, iters)
     return {k: v.item() for k, v in terms.items()} | optimizer.harden(x_q)
+
+
+def fp_logits(fp_units: list[Unit], images: torch.Tensor, losses: LossConfig, batch: int) -> torch.Tensor | None:
+    """EBGS's targets: the FP model's logits (or pre-head features) of every image; None when EBGS is off."""
+    if losses.global_weight == 0:
+        return None
+    pre_logits = losses.global_distance == "mse_feature"
+    return batched(functools.partial(_run_remainder, fp_units, pre_logits), images, batch)
 
 
 def fp_remainder(fp_units: list[Unit], index: int, pre_logits: bool) -> Remainder | None:
