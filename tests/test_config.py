@@ -62,6 +62,7 @@ def test_bad_init_settings(compose_cfg) -> None:
         ("method.loss.fusion=sum", "fusion"),
         ("method.loss.local_layers=[qkv,norm1]", "local_layers"),
         ("method.loss.global_weight=-1", "weights"),
+        ("method.loss.local_target_dtype=float16", "local_target_dtype"),
     ],
 )
 def test_bad_reconstruction_settings(compose_cfg, override: str, message: str) -> None:

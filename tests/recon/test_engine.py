@@ -137,3 +137,31 @@ def test_convergence_report_measures_the_hardened_unit(proxy) -> None:
     assert all(r.final["undecided"] > 0.02 for r in reports) and not all(
         converged({"unit": r.name, **r.final}) for r in reports
     )
+
+
+def test_local_targets_in_bfloat16(proxy) -> None:
+    """``local_target_dtype=bfloat16`` halves IBLS's cache; the local term stays within bf16's precision."""
+    fp_model, quant_model, images = copy.deepcopy(proxy)
+    for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
+        parameter.requires_grad_(False)
+    unit, fp_units = model_units(quant_model)[2], model_units(fp_model)
+    with torch.no_grad():
+        x_fp = run_units(fp_units[:2], images)
+    points = capture_points(unit.module, LossConfig().local_layers)
+    output, layers = fp_outputs(unit, x_fp, points, batch=32)
+    output_bf16, layers_bf16 = fp_outputs(unit, x_fp, points, batch=32, layer_dtype=torch.bfloat16)
+    assert torch.equal(output, output_bf16) and output_bf16.dtype == torch.float32
+    assert all(t.dtype == torch.bfloat16 for t in layers_bf16)
+    assert sum(t.nbytes for t in layers_bf16) * 2 == sum(t.nbytes for t in layers)
+    terms = {}
+    for name, cached in (("float32", layers), ("bfloat16", layers_bf16)):
+        losses = LossConfig(global_weight=0.0, local_target_dtype=name)
+        copied = copy.deepcopy(unit)
+        copied_points = capture_points(copied.module, losses.local_layers)
+        targets = UnitTargets(output, cached, None)
+        optimizer = UnitOptimizer(copied, None, targets, copied_points, ReconConfig(quant_prob=1.0), losses)
+        idx = torch.arange(32)
+        with torch.no_grad():
+            terms[name] = optimizer.loss_terms(x_fp[idx], idx, False)["local"].item()
+    assert terms["bfloat16"] == pytest.approx(terms["float32"], rel=0.02)
+    assert terms["bfloat16"] != terms["float32"]  # the targets really were rounded

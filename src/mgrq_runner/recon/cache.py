@@ -80,9 +80,10 @@ def capture(points: list[CapturePoint]) -> Iterator[list[torch.Tensor]]:
 
 
 def fp_outputs(
-    unit: Unit, x_fp: torch.Tensor, points: list[CapturePoint], batch: int
+    unit: Unit, x_fp: torch.Tensor, points: list[CapturePoint], batch: int, layer_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The unit's output and the tensors at ``points`` (per image), with quantization off, on the FP input."""
+    """The unit's output and the tensors at ``points`` (per image, kept in ``layer_dtype``), with quantization off,
+    on the FP input."""
     set_quantization(unit.module, False)
     outputs: list[torch.Tensor] = []
     per_batch: list[list[torch.Tensor]] = []
@@ -90,7 +91,7 @@ def fp_outputs(
         for i in range(0, x_fp.shape[0], batch):
             chunk = x_fp[i : i + batch]
             outputs.append(unit(chunk))
-            per_batch.append(per_image(captured, chunk.shape[0]))
+            per_batch.append([t.to(layer_dtype) for t in per_image(captured, chunk.shape[0])])
             captured.clear()
     set_quantization(unit.module, True)
     return torch.cat(outputs), [torch.cat(layer) for layer in zip(*per_batch, strict=True)]

@@ -6,12 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTANCES, LossFusion
 
 # Where IBLS may align a block's layers: the outputs of these Linears, the attention probabilities (the input of
 # ``attn @ v``) and the output of ``attn @ v``.
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
+LOCAL_TARGET_DTYPES = ("float32", "bfloat16")
 
 
 TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
@@ -67,6 +70,11 @@ class LossConfig:
     global_every: int = 1
     local_distance: str = "nmse"
     local_layers: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    local_target_dtype: str = "float32"  # or bfloat16: IBLS's cached FP layer tensors in half the memory
+
+    @property
+    def local_dtype(self) -> torch.dtype:
+        return getattr(torch, self.local_target_dtype)
 
     def __post_init__(self) -> None:
         check_types(self, "method.loss")
@@ -81,6 +89,10 @@ class LossConfig:
         unknown = sorted(set(self.local_layers) - set(LOCAL_POINTS))
         if unknown:
             raise ConfigError(f"method.loss.local_layers has unknown {unknown}. Fix: pick from {LOCAL_POINTS}.")
+        if self.local_target_dtype not in LOCAL_TARGET_DTYPES:
+            raise ConfigError(
+                f"method.loss.local_target_dtype={self.local_target_dtype!r}. Fix: one of {LOCAL_TARGET_DTYPES}."
+            )
         if min(self.global_weight, self.local_weight, self.round_weight) < 0:
             raise ConfigError("method.loss weights must be >= 0.")
 

@@ -78,7 +78,7 @@ def reconstruct(
         start = time.perf_counter()
         restored = index < finished
         points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 and not restored else []
-        output, layers = fp_outputs(unit, x_fp, points, batch)
+        output, layers = fp_outputs(unit, x_fp, points, batch, losses.local_dtype)
         final: dict[str, float] = {}
         seconds = None
         if restored:

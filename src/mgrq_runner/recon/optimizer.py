@@ -110,7 +110,7 @@ class UnitOptimizer:
             )
         if self.points:
             layers = per_image(captured, inputs.shape[0])
-            targets = [t[images] for t in self.targets.layers]
+            targets = [t[images].float() for t in self.targets.layers]  # cached in float32 or bfloat16
             terms["local"] = local_loss(layers, targets, self.losses.local_distance)
         return terms
 

@@ -151,7 +151,7 @@ def _time_unit(
     sync = torch.cuda.synchronize if x_fp.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 else []
-    output, layers = fp_outputs(unit, x_fp, points, recon.batch_size)
+    output, layers = fp_outputs(unit, x_fp, points, recon.batch_size, losses.local_dtype)
     x_q = x_fp.clone()  # the engine holds X_q beside X_fp
     sync()
     cache_seconds = time.perf_counter() - start
