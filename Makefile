@@ -5,7 +5,7 @@ ARGS ?=
 IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
 
-.PHONY: help setup run test test-all lint bench bench-recon train-proxy train-proxy-swin clean \
+.PHONY: help setup run test test-all lint bench bench-recon bench-memory train-proxy train-proxy-swin clean \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
 
 help: ## list the targets
@@ -41,8 +41,13 @@ train-proxy-swin: setup ## retrain the shipped Swin proxy on Fashion-MNIST (CPU,
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns outputs/experiments
 
-bench-recon: setup ## per-iteration reconstruction cost relative to an FP block step (deit_s, CPU)
+bench-recon: setup ## per-iteration reconstruction cost relative to an FP block step (deit_s, then the proxy; CPU)
 	$(PY) scripts/bench_recon.py
+	$(PY) scripts/bench_recon.py --model proxy_vit --iters 50
+
+bench-memory: setup ## peak memory of one deit_b and one swin_b reconstruction, caches accounted (CPU, long)
+	$(PY) scripts/bench_memory.py --model deit_base_patch16_224 --images 128
+	$(PY) scripts/bench_memory.py --model swin_base_patch4_window7_224 --images 128
 
 # An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
 define experiment

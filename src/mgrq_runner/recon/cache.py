@@ -33,7 +33,21 @@ class UnitTargets:
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
     """``fn`` applied to ``x`` in mini-batches, without autograd."""
     with torch.no_grad():
-        return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+        chunks = (fn(x[i : i + batch]) for i in range(0, x.shape[0], batch))
+        return _gather(chunks, x.shape[0])
+
+
+def _gather(chunks: Iterator[torch.Tensor], total: int) -> torch.Tensor:
+    """Mini-batch results written into one tensor of ``total`` rows as they come: never a list of them beside
+    their concatenation (twice the cache's memory)."""
+    first = next(chunks)
+    out = first.new_empty((total, *first.shape[1:]))
+    out[: first.shape[0]] = first
+    done = first.shape[0]
+    for chunk in chunks:
+        out[done : done + chunk.shape[0]] = chunk
+        done += chunk.shape[0]
+    return out
 
 
 def capture_points(unit: nn.Module, names: tuple[str, ...]) -> list[CapturePoint]:
@@ -85,16 +99,23 @@ def fp_outputs(
     """The unit's output and the tensors at ``points`` (per image, kept in ``layer_dtype``), with quantization off,
     on the FP input."""
     set_quantization(unit.module, False)
-    outputs: list[torch.Tensor] = []
-    per_batch: list[list[torch.Tensor]] = []
+    total = x_fp.shape[0]
+    output: torch.Tensor | None = None
+    layers: list[torch.Tensor] = []
     with torch.no_grad(), capture(points) as captured:
-        for i in range(0, x_fp.shape[0], batch):
-            chunk = x_fp[i : i + batch]
-            outputs.append(unit(chunk))
-            per_batch.append([t.to(layer_dtype) for t in per_image(captured, chunk.shape[0])])
+        for i in range(0, total, batch):
+            chunk_output = unit(x_fp[i : i + batch])
+            chunk_layers = [t.to(layer_dtype) for t in per_image(captured, chunk_output.shape[0])]
             captured.clear()
+            if output is None:  # the caches, allocated once their shapes are known
+                output = chunk_output.new_empty((total, *chunk_output.shape[1:]))
+                layers = [t.new_empty((total, *t.shape[1:])) for t in chunk_layers]
+            output[i : i + batch] = chunk_output
+            for cache, chunk_layer in zip(layers, chunk_layers, strict=True):
+                cache[i : i + batch] = chunk_layer
     set_quantization(unit.module, True)
-    return torch.cat(outputs), [torch.cat(layer) for layer in zip(*per_batch, strict=True)]
+    assert output is not None
+    return output, layers
 
 
 def calibration_block_loss(unit: Unit, inputs: torch.Tensor, target: torch.Tensor, batch: int) -> float:
