@@ -4,11 +4,16 @@
     python scripts/bench_recon.py --device cuda --iters 50
 
     python scripts/bench_recon.py --model proxy_vit --iters 50            # the shipped proxy (28x28 images)
+    python scripts/bench_recon.py --model proxy_vit --profile             # where an iteration's time goes
 
 Times, on one middle block and the same batch: an FP block forward+backward; a qdrop iteration (AdaRound,
 learned step sizes, QDrop, block loss, rounding regulariser, optimiser steps); an mgrq iteration with the global
 term every iteration and the local term; and the FP remainder's own forward+backward. Targets (issue 12): qdrop
 <= 1.5x the FP block step; mgrq's extra cost over qdrop <= the remainder's forward+backward.
+
+``--profile`` splits a qdrop and an mgrq iteration (torch.profiler, self CPU time of every aten op) into matrix
+products, elementwise passes, random draws, other ops, and the rest of the wall time: Python, autograd's engine
+and dispatch outside the ops.
 """
 
 from __future__ import annotations
@@ -46,12 +51,62 @@ def median_ms(step: Callable[[], None], iters: int, device: torch.device) -> flo
     return 1000 * statistics.median(times)
 
 
+MATMUL_OPS = "mm bmm addmm baddbmm matmul linear convolution mkldnn_convolution _scaled_dot_product".split()
+RANDOM_OPS = "random randint rand uniform bernoulli".split()
+ELEMENTWISE_OPS = (
+    "add sub mul div round clamp lerp ne lt ge addcmul sigmoid pow abs exp log softmax _softmax _log_softmax gelu "
+    "layer_norm native_layer_norm copy sum mean where masked_fill nan_to_num neg sqrt fill zero sign kl_div "
+    "threshold _to_copy std var"
+).split()
+
+
+def op_category(name: str) -> str:
+    """``aten::addmm`` -> ``matmul``; the categories of ``--profile``."""
+    if not name.startswith("aten::"):
+        return "other"
+    op = name.removeprefix("aten::").removesuffix("_backward_data").removesuffix("_backward").rstrip("_")
+    if any(op.startswith(m) for m in MATMUL_OPS):
+        return "matmul"
+    if op in RANDOM_OPS:
+        return "random"
+    if op in ELEMENTWISE_OPS:
+        return "elementwise"
+    return "other"
+
+
+def profile_step(label: str, step: Callable[[], None], iters: int) -> None:
+    """Prints the op-category breakdown of ``iters`` calls of ``step`` (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        wall = (time.perf_counter() - start) / iters * 1000
+    by_category: dict[str, float] = {}
+    calls = 0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        category = op_category(event.key)
+        by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total / 1000 / iters
+        calls += event.count
+    ops = sum(by_category.values())
+    parts = ", ".join(f"{k} {v:.1f} ms ({v / wall:.0%})" for k, v in sorted(by_category.items(), key=lambda kv: -kv[1]))
+    print(
+        f"{label}: {wall:.1f} ms a step (profiled), {calls / iters:.0f} aten ops: {parts}, "
+        f"outside ops (Python, autograd engine, dispatch) {wall - ops:.1f} ms ({(wall - ops) / wall:.0%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="also print where a qdrop and an mgrq step go")
     parser.add_argument("--malloc-defaults", action="store_true", help="skip keep_freed_memory() (as mgrq-run does it)")
     args = parser.parse_args()
 
@@ -104,9 +159,10 @@ def main() -> None:
         generator = torch.Generator(device=device).manual_seed(0)
         return lambda: optimizer.step(500, x_fp, x_fp, generator)
 
+    qdrop, mgrq = recon_step(LossConfig(global_weight=0, local_weight=0)), recon_step(LossConfig(global_every=1))
     fp_ms = median_ms(fp_step, args.iters, device)
-    qdrop_ms = median_ms(recon_step(LossConfig(global_weight=0, local_weight=0)), args.iters, device)
-    mgrq_ms = median_ms(recon_step(LossConfig(global_every=1)), args.iters, device)
+    qdrop_ms = median_ms(qdrop, args.iters, device)
+    mgrq_ms = median_ms(mgrq, args.iters, device)
     remainder_ms = median_ms(remainder_step, args.iters, device)
     weights = "shipped weights" if args.model in PROXIES else "random weights"
     print(
@@ -121,6 +177,9 @@ def main() -> None:
         f"mgrq iteration (global_every=1): {mgrq_ms:8.1f} ms  (extra over qdrop {extra:.1f} ms = "
         f"{extra / remainder_ms:.2f}x the remainder's forward+backward; target <= 1)"
     )
+    if args.profile:
+        for label, step in (("FP block", fp_step), ("qdrop", qdrop), ("mgrq", mgrq), ("FP remainder", remainder_step)):
+            profile_step(label, step, args.iters)
 
 
 if __name__ == "__main__":
