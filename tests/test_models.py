@@ -1,5 +1,6 @@
 """Model creation: presets, unknown names, offline weights, safe checkpoint loading."""
 
+import argparse
 import pickle
 from pathlib import Path
 
@@ -103,3 +104,18 @@ def test_a_broken_safetensors_checkpoint_is_one_clear_error(tmp_path: Path) -> N
         f.truncate(1 << 20)
     with pytest.raises(ModelError, match="is not a readable safetensors file"):
         load_state_dict(sparse)
+
+
+def test_a_timm_training_checkpoint_loads_its_weights_or_its_ema(tmp_path: Path) -> None:
+    """timm's train.py saves ``state_dict``, ``state_dict_ema`` and its ``args`` (an argparse.Namespace)."""
+    weights = {"weight": torch.ones(2)}
+    ema = {"weight": torch.full((2,), 3.0)}
+    path = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 3, "state_dict": weights, "state_dict_ema": ema, "args": argparse.Namespace(lr=0.1)}, path)
+    assert torch.equal(load_state_dict(path)["weight"], weights["weight"])
+    assert torch.equal(load_state_dict(path, ema=True)["weight"], ema["weight"])
+    torch.save({"module.weight": torch.ones(2)}, tmp_path / "ddp.pth")  # a DistributedDataParallel model's own
+    assert list(load_state_dict(tmp_path / "ddp.pth")) == ["weight"]
+    torch.save(weights, tmp_path / "plain.pth")
+    with pytest.raises(ModelError, match="has no state_dict_ema"):
+        load_state_dict(tmp_path / "plain.pth", ema=True)

@@ -1,4 +1,5 @@
-"""Data sets: ImageNet folders with the fixed 1000-class map, Fashion-MNIST, calibration sampling, transforms.
+"""Data sets: ImageNet folders with the fixed 1000-class map, your own class folders, Fashion-MNIST, calibration
+sampling (seeded, or a list of images), transforms.
 
 Every data set here yields ``(image_tensor, label)`` pairs. Calibration sets are seeded random subsets of the
 train split; their identifiers (file paths or indices) are returned so a run can save them.
@@ -29,7 +30,7 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # torchvision's
 
 
 @dataclass
@@ -41,12 +42,14 @@ class DataBundle:
         evaluation: the evaluation split (or a seeded subset of it).
         calibration_ids: one identifier per calibration image (file path or split index).
         num_classes: number of classes of the data set.
+        class_names: ``data=folder``: the class names in label order.
     """
 
     calibration: Dataset
     evaluation: Dataset
     calibration_ids: list[str]
     num_classes: int
+    class_names: list[str] | None = None  # a folder data set's classes in label order (saved in the run dir)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -151,7 +154,31 @@ def image_files(class_dir: Path) -> list[Path]:
     return [p for p in _listing(class_dir) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
 
 
-class ImageNetFolder(Dataset):
+class ImageFiles(Dataset):
+    """Labelled image files, decoded to ``mode`` (``RGB`` or ``L``: grey, RGBA and palette images converted),
+    then ``transform``."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Any = None, mode: str = "RGB") -> None:
+        self.samples, self.transform, self.mode = samples, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert(self.mode)
+        except PermissionError as err:
+            raise DataError(f"image file {path} cannot be read (permission denied). Fix: chmod a+r it.") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"corrupt image file {path} ({err}). Fix: delete or replace that file.") from err
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class ImageNetFolder(ImageFiles):
     """One split of an ImageNet tree, ``root/<split>/<wnid>/*.JPEG``, labelled with the fixed wnid map.
 
     Unlike ``torchvision.datasets.ImageFolder``, class indices come from the full 1000-class list, so a folder
@@ -160,7 +187,6 @@ class ImageNetFolder(Dataset):
 
     def __init__(self, root: str | Path, split: str, transform: Any = None) -> None:
         self.split_dir = Path(root) / split
-        self.transform = transform
         if not self.split_dir.is_dir():
             raise DataError(
                 f"ImageNet split folder {self.split_dir} does not exist. Fix: data.root (or IMAGENET_ROOT) must "
@@ -181,23 +207,89 @@ class ImageNetFolder(Dataset):
             raise DataError(
                 f"no images found under {self.split_dir}. Fix: the layout must be {self.split_dir}/<wnid>/*.JPEG."
             )
-        self.samples = samples
+        super().__init__(samples, transform)
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except PermissionError as err:
-            raise DataError(f"image file {path} cannot be read (permission denied). Fix: chmod a+r it.") from err
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DataError(f"corrupt image file {path} ({err}). Fix: delete or replace that file.") from err
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+# ---------------------------------------------------------------------------------------------- your own folders
+
+CLASSES_FILE = "classes.txt"  # optional, at a folder data set's root: the class names in label order
+EVAL_SPLIT_NAMES = ("val", "validation")
+
+
+def folder_classes(root: Path) -> list[str]:
+    """A folder data set's classes in label order: ``classes.txt`` (one name per line) when present, else the
+    train split's class folders sorted by name (torchvision's ``ImageFolder`` order)."""
+    listed = root / CLASSES_FILE
+    if listed.is_file():
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if len(set(names)) != len(names) or not names:
+            raise DataError(
+                f"{listed} must list each class once, one per line. Fix: remove the repeated or empty list."
+            )
+        return names
+    return [p.name for p in class_folders(folder_split_dir(root, "train"))]
+
+
+def folder_split_dir(root: Path, split: str) -> Path:
+    """``root/train``, or for the evaluation split ``root/val`` (or ``root/validation``)."""
+    names = EVAL_SPLIT_NAMES if split == "val" else (split,)
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    wanted = " or ".join(f"{root / n}/" for n in names)
+    raise DataError(
+        f"folder data set {root} has no {wanted}. Fix: data.root must hold train/<class>/* and val/<class>/*."
+    )
+
+
+class ImageFolder(ImageFiles):
+    """One split of your own data set, ``root/<split>/<class>/<image>``, labelled by ``classes`` (their order).
+
+    Args:
+        root: the data set's folder (``train/``, ``val/`` or ``validation/``, optional ``classes.txt``).
+        split: ``train`` or ``val``.
+        classes: class names in label order (``folder_classes``).
+        transform: applied to each decoded image.
+        mode: ``RGB`` for 3-channel models, ``L`` for grey ones.
+    """
+
+    def __init__(self, root: Path, split: str, classes: list[str], transform: Any = None, mode: str = "RGB") -> None:
+        split_dir = folder_split_dir(root, split)
+        index = {name: i for i, name in enumerate(classes)}
+        samples: list[tuple[str, int]] = []
+        for class_dir in class_folders(split_dir):
+            if class_dir.name not in index:
+                raise DataError(
+                    f"{class_dir} is not one of the data set's {len(classes)} classes ({_where_classes(root)}). "
+                    f"Fix: rename or remove it, or list it in {root / CLASSES_FILE}."
+                )
+            files = image_files(class_dir)
+            if not files:
+                raise DataError(
+                    f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}). Fix: add images "
+                    "or remove the folder."
+                )
+            samples += [(str(p), index[class_dir.name]) for p in files]
+        if not samples:
+            raise DataError(f"no class folders under {split_dir}. Fix: the layout must be {split_dir}/<class>/<image>.")
+        super().__init__(samples, transform, mode)
+
+
+def _where_classes(root: Path) -> str:
+    return f"listed in {CLASSES_FILE}" if (root / CLASSES_FILE).is_file() else "the train split's class folders"
+
+
+def resolve_folder_root(root: str | None) -> Path:
+    """Checks ``data.root`` of ``data=folder``."""
+    if not root:
+        raise DataError(
+            "data=folder needs data.root. Fix: data.root=/path/to/dataset (train/<class>/*, val/<class>/*)."
+        )
+    path = Path(os.path.expanduser(str(root)))
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"data.root {path} {what}. Fix: data.root=/path/to/dataset (train/<class>/*, val/<class>/*).")
+    return path
 
 
 def resolve_imagenet_root(root: str | None) -> Path:
@@ -224,7 +316,8 @@ def resolved_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict[s
         k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if data_cfg.get(k) is not None
     }
     if data_cfg.get("img_size") is not None:
-        overrides["input_size"] = (3, int(data_cfg.img_size), int(data_cfg.img_size))
+        channels = resolve_data_config({}, model=model)["input_size"][0]
+        overrides["input_size"] = (channels, int(data_cfg.img_size), int(data_cfg.img_size))
     return dict(resolve_data_config(overrides, model=model))
 
 
@@ -252,6 +345,49 @@ def seeded_subset(dataset: Dataset, num: int, seed: int, what: str) -> tuple[Sub
     return Subset(dataset, indices), indices
 
 
+def read_calibration_list(path: str | Path) -> list[str]:
+    """The entries of a ``calib.list`` file: one image per line (blank lines skipped)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise DataError(f"calib.list {path} does not exist. Fix: point calib.list at a file with one image per line.")
+    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise DataError(f"calib.list {path} lists no images. Fix: one image per line (a path, or train[i]).")
+    return entries
+
+
+def listed_subset(train: Dataset, keys: list[str], entries: list[str], key_of: Any) -> tuple[Subset, list[int]]:
+    """The train images ``entries`` name, in the list's order: ``key_of(entry)`` must equal one of ``keys`` (one
+    per train image)."""
+    position = {key: i for i, key in enumerate(keys)}
+    indices = []
+    for line, entry in enumerate(entries, start=1):
+        index = position.get(key_of(entry))
+        if index is None:
+            raise DataError(
+                f"calib.list line {line}: {entry!r} is not an image of the train split. Fix: list train images "
+                "(file paths, absolute or relative to data.root; train[i] or i for Fashion-MNIST)."
+            )
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise DataError("calib.list names an image more than once. Fix: list each calibration image once.")
+    return Subset(train, indices), indices
+
+
+def _fashion_key(entry: str) -> str:
+    return entry if entry.startswith("train[") else f"train[{entry}]"
+
+
+def _path_key(root: Path) -> Any:
+    def key(entry: str) -> str:
+        path = Path(os.path.expanduser(entry))
+        if not path.is_absolute() and not path.exists():
+            path = root / path
+        return os.path.realpath(path)
+
+    return key
+
+
 HELDOUT_SEED = 20240613  # one fixed slice of train for every run, so that tuning trials compare like with like
 
 
@@ -268,50 +404,69 @@ def heldout_subset(train: Dataset, size: int, calibration: list[int]) -> Subset:
     return Subset(train, sorted(candidates[:size]))
 
 
-def build_data(data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, seed: int) -> DataBundle:
+def build_data(
+    data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, seed: int, calib_list: list[str] | None = None
+) -> DataBundle:
     """Builds the calibration and evaluation sets named by ``data_cfg`` for ``model``.
 
-    ``data.eval_split``: ``val`` evaluates on the data set's evaluation split (ImageNet val, Fashion-MNIST test);
-    ``heldout`` on ``data.heldout_size`` train images outside the calibration set (for tuning loss weights).
+    Calibration: ``num_calib`` train images drawn with ``seed``, or exactly the images of ``calib_list``
+    (``read_calibration_list``), in its order. ``data.eval_split``: ``val`` evaluates on the data set's evaluation
+    split (ImageNet val, Fashion-MNIST test, a folder's val/); ``heldout`` on ``data.heldout_size`` train images
+    outside the calibration set (for tuning loss weights).
     """
     eval_split = data_cfg.get("eval_split", "val")
     if eval_split not in ("val", "heldout"):
         raise ConfigError(f"data.eval_split={eval_split!r}. Fix: val (the evaluation split) or heldout (tuning).")
+    class_names = None
     if data_cfg.name == "fashion_mnist":
         download_dir = data_cfg.get("download_dir")
-        train = load_fashion_mnist(data_cfg.root, "train", download_dir)
+        train: Dataset = load_fashion_mnist(data_cfg.root, "train", download_dir)
         evaluation: Dataset = (
             train if eval_split == "heldout" else load_fashion_mnist(data_cfg.root, "test", download_dir)
         )
-        calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
-        ids = [f"train[{i}]" for i in indices]
+        keys, key_of = [f"train[{i}]" for i in range(len(train))], _fashion_key  # type: ignore[arg-type]
         num_classes = 10
-    elif data_cfg.name == "imagenet":
-        root = resolve_imagenet_root(data_cfg.root)
+    elif data_cfg.name in ("imagenet", "folder"):
         calib_transform = create_transform(model, data_cfg, training=data_cfg.calib_transform == "train")
-        train_split = ImageNetFolder(root, "train", calib_transform)
-        evaluation = ImageNetFolder(
-            root, "train" if eval_split == "heldout" else "val", create_transform(model, data_cfg)
-        )
-        calibration, indices = seeded_subset(train_split, num_calib, seed, "calib.num_images")
-        ids = [train_split.samples[i][0] for i in indices]
-        num_classes = 1000
+        eval_transform = create_transform(model, data_cfg)
+        if data_cfg.name == "imagenet":
+            root = resolve_imagenet_root(data_cfg.root)
+            train = ImageNetFolder(root, "train", calib_transform)
+            evaluation = ImageNetFolder(root, "train" if eval_split == "heldout" else "val", eval_transform)
+            num_classes = 1000
+        else:
+            root = resolve_folder_root(data_cfg.root)
+            class_names = folder_classes(root)
+            mode = "L" if resolved_data_config(model, data_cfg)["input_size"][0] == 1 else "RGB"
+            train = ImageFolder(root, "train", class_names, calib_transform, mode)
+            split = "train" if eval_split == "heldout" else "val"
+            evaluation = ImageFolder(root, split, class_names, eval_transform, mode)
+            num_classes = len(class_names)
+        keys = [os.path.realpath(path) for path, _ in train.samples]
+        key_of = _path_key(root)
     else:
-        raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet or data=fashion_mnist.")
+        raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet, data=folder or data=fashion_mnist.")
+    if calib_list is None:
+        calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
+    else:
+        calibration, indices = listed_subset(train, keys, calib_list, key_of)
+    ids = (
+        [f"train[{i}]" for i in indices] if data_cfg.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
+    )
     if eval_split == "heldout":
         evaluation = heldout_subset(evaluation, int(data_cfg.heldout_size), indices)
     if data_cfg.get("num_eval") is not None:
         evaluation, _ = seeded_subset(evaluation, int(data_cfg.num_eval), seed, "data.num_eval")
-    return DataBundle(calibration, evaluation, ids, num_classes)
+    return DataBundle(calibration, evaluation, ids, num_classes, class_names)
 
 
 def create_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
-    """A deterministic (unshuffled) loader."""
+    """A deterministic (unshuffled) loader; ``workers`` decoding processes, at most one per core."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=min(workers, os.cpu_count() or 1),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )

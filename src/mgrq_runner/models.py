@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,11 @@ SUPPORTED_BLOCKS = {VisionTransformer: (Block, Attention), SwinTransformer: (Swi
 
 
 def create_proxy_model(
-    name: str = PROXY_NAME, pretrained: bool = True, checkpoint: str | None = None, **overrides: Any
+    name: str = PROXY_NAME,
+    pretrained: bool = True,
+    checkpoint: str | None = None,
+    checkpoint_ema: bool = False,
+    **overrides: Any,
 ) -> nn.Module:
     """One of the project's proxies (``PROXIES``): a small timm model for Fashion-MNIST.
 
@@ -93,6 +100,7 @@ def create_proxy_model(
         name: ``proxy_vit`` or ``proxy_swin``.
         pretrained: load the weights shipped in the package (trained by ``scripts/train_proxy.py``).
         checkpoint: a local weight file to load instead.
+        checkpoint_ema: take the checkpoint's EMA weights (``load_state_dict``).
         **overrides: constructor arguments on top of the proxy's architecture (training uses ``drop_path_rate``).
     """
     proxy = PROXIES[name]
@@ -104,7 +112,7 @@ def create_proxy_model(
         "crop_mode": "center",
         "mean": FASHION_MNIST_MEAN,
         "std": FASHION_MNIST_STD,
-        "num_classes": 10,
+        "num_classes": model.num_classes,
         "architecture": name,
     }
     weights = Path(checkpoint) if checkpoint else (proxy.weights if pretrained else None)
@@ -116,7 +124,14 @@ def create_proxy_model(
                 else "check model.checkpoint"
             )
             raise ModelError(f"proxy weights {weights} not found. Fix: {fix}, or set model.pretrained=false.")
-        model.load_state_dict(load_state_dict(weights))
+        try:
+            model.load_state_dict(load_state_dict(weights, checkpoint_ema and checkpoint is not None))
+        except RuntimeError as err:
+            raise ModelError(
+                f"weights {weights} do not fit {name} with {overrides or 'its own settings'}: "
+                f"{str(err).splitlines()[0]}. Fix: model.checkpoint=<weights trained with those settings>, or "
+                "model.pretrained=false."
+            ) from err
     return model
 
 
@@ -126,10 +141,13 @@ def proxy_card(name: str = PROXY_NAME) -> dict:
     return json.loads(card.read_text()) if card.exists() else {}
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Loads weights safely from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file of tensors only.
+def load_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Loads weights safely from ``.safetensors`` or a ``.pth``/``.pt``/``.bin``/``.pth.tar`` file.
 
-    ``torch.load`` runs with ``weights_only=True``, so a file that needs arbitrary unpickling is refused.
+    ``torch.load`` runs with ``weights_only=True``, so a file that needs arbitrary unpickling is refused; the one
+    exception allowed is ``argparse.Namespace``, which timm's training script stores beside the weights. A
+    training checkpoint's ``state_dict`` (or ``model``) is taken, its ``state_dict_ema`` with ``ema``; a
+    ``module.`` prefix (a DistributedDataParallel model saved as it was) is dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,6 +156,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if ema:
+            raise ModelError(
+                f"model.checkpoint_ema=true but {path} is a safetensors file: it holds one set of weights. "
+                "Fix: model.checkpoint_ema=false, or point model.checkpoint at the training checkpoint (.pth.tar)."
+            )
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -146,16 +169,26 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 "model.checkpoint at a complete .safetensors file (or a .pth state_dict)."
             ) from err
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for unsafe or broken files
         raise ModelError(
             f"could not load {path} safely ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "Fix: convert it to .safetensors or a plain state_dict of tensors."
         ) from err
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state_dict. Fix: save model.state_dict().")
+    if ema:
+        if not isinstance(state.get("state_dict_ema"), dict):
+            raise ModelError(
+                f"model.checkpoint_ema=true but {path} has no state_dict_ema (keys: {sorted(state)[:8]}). "
+                "Fix: model.checkpoint_ema=false, or the checkpoint of a run trained with --model-ema."
+            )
+        state = state["state_dict_ema"]
+    else:
+        state = next((state[key] for key in ("state_dict", "model") if isinstance(state.get(key), dict)), state)
+    if state and all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
 
 
@@ -178,8 +211,11 @@ def unsupported_part(model: nn.Module) -> str | None:
     return None
 
 
-def _check_architecture(name: str) -> None:
-    """Refuses a timm architecture the quantizer does not know, before any weights are loaded."""
+def _check_architecture(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuses a timm architecture the quantizer does not know, before any weights are loaded. A hub name
+    (``hf-hub:org/repo``) names its architecture in its own config: it is checked once built."""
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
@@ -187,7 +223,7 @@ def _check_architecture(name: str) -> None:
         raise ModelError(f"unknown timm model {name!r}. Fix: pick a timm arch.tag, {hint}.")
     try:
         with torch.device("meta"):  # the structure only: no memory, no weights
-            skeleton = timm.create_model(arch, pretrained=False)
+            skeleton = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception:  # an architecture that cannot be built on the meta device is checked after loading
         return
     _refuse_unsupported(name, skeleton)
@@ -207,13 +243,21 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
 
     ``model_cfg.name`` is a proxy (``PROXIES``) or a timm ``arch.tag`` of a supported structure
     (``unsupported_part``). With ``pretrained`` the weights come from ``checkpoint`` if set, else from timm's hub
-    (network or local Hugging Face cache).
+    (network or local Hugging Face cache). ``num_classes``, ``img_size`` and ``kwargs`` (when set) go to the
+    constructor: a fine-tuned checkpoint's head and resolution, or a fresh head on hub weights.
     """
     name = str(model_cfg.name)
+    kwargs = constructor_kwargs(model_cfg)
     if name in PROXIES:
-        return create_proxy_model(name, bool(model_cfg.pretrained), model_cfg.get("checkpoint")).eval()
-    _check_architecture(name)
-    if "." not in name and model_cfg.pretrained and not model_cfg.get("checkpoint"):
+        return create_proxy_model(
+            name,
+            bool(model_cfg.pretrained),
+            model_cfg.get("checkpoint"),
+            bool(model_cfg.get("checkpoint_ema", False)),
+            **kwargs,
+        ).eval()
+    _check_architecture(name, kwargs)
+    if "." not in name and ":" not in name and model_cfg.pretrained and not model_cfg.get("checkpoint"):
         log.warning(
             "model %s has no weight tag: timm resolves it to its current default weights, which may "
             "not be the ones the papers used (see method.md section 7)",
@@ -222,7 +266,12 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
     checkpoint = model_cfg.get("checkpoint")
     load_hub = bool(model_cfg.pretrained) and not checkpoint
     try:
-        model = timm.create_model(name, pretrained=load_hub)
+        model = timm.create_model(name, pretrained=load_hub, **kwargs)
+    except TypeError as err:
+        raise ModelError(
+            f"{name} does not take the constructor arguments {kwargs}: {err}. Fix: check model.kwargs, "
+            "model.num_classes and model.img_size."
+        ) from err
     except Exception as err:  # hub and network failures come in many types
         raise ModelError(
             f"could not load pretrained weights for {name} ({type(err).__name__}). Fix: download them where "
@@ -231,13 +280,70 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
             f"model.pretrained=false for random weights."
         ) from err
     if checkpoint:  # a local file wins over model.pretrained
-        state = load_state_dict(checkpoint)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(
-                f"checkpoint {checkpoint} does not fit {name}: {str(err).splitlines()[0]}. "
-                "Fix: use the checkpoint of that exact architecture."
-            ) from err
+        load_checkpoint(model, name, checkpoint, bool(model_cfg.get("checkpoint_ema", False)))
     _refuse_unsupported(name, model)
+    if checkpoint:
+        model.pretrained_cfg = {**model.pretrained_cfg, **checkpoint_preprocessing(Path(checkpoint))}
+    if "img_size" in kwargs:  # timm keeps the registry's input size in pretrained_cfg: preprocessing reads it
+        size = int(kwargs["img_size"])
+        channels = model.pretrained_cfg["input_size"][0]
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, size, size)}
     return model.eval()
+
+
+def load_checkpoint(model: nn.Module, name: str, checkpoint: str, ema: bool) -> None:
+    """Loads a local checkpoint into ``model``. Weights made for another input size (position embeddings, Swin's
+    relative position tables) go through timm's own filter for the architecture, which resizes them."""
+    state = load_state_dict(checkpoint, ema)
+    try:
+        model.load_state_dict(state)
+        return
+    except RuntimeError as err:
+        error = err
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None and "size mismatch" in str(error):
+        try:
+            model.load_state_dict(filter_fn(state, model))
+            log.info("checkpoint %s resized to %s by timm's checkpoint_filter_fn", checkpoint, name)
+            return
+        except (RuntimeError, KeyError, ValueError) as err:
+            error = err
+    raise ModelError(
+        f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}. Fix: use the checkpoint of "
+        "that exact architecture, with model.num_classes (and model.img_size, model.kwargs) as it was trained."
+    ) from error
+
+
+PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def checkpoint_preprocessing(checkpoint: Path) -> dict[str, Any]:
+    """The preprocessing a checkpoint was trained with, from a timm ``config.json`` beside it (the layout of a
+    Hugging Face hub folder and of ``timm.models.push_to_hf_hub``): its ``pretrained_cfg`` keys, or none."""
+    config = checkpoint.parent / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        pretrained_cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelError(
+            f"{config} beside the checkpoint is not a timm config ({err}). Fix: repair or remove it."
+        ) from err
+    found = {key: pretrained_cfg[key] for key in PREPROCESSING_KEYS if key in pretrained_cfg}
+    found = {key: tuple(value) if isinstance(value, list) else value for key, value in found.items()}  # timm's
+    if found:
+        log.info("preprocessing from %s: %s", config, found)
+    return found
+
+
+def constructor_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+    """``model.kwargs`` with ``model.num_classes`` and ``model.img_size`` (when set) on top: what the model's
+    constructor is given besides the architecture's defaults."""
+    given = model_cfg.get("kwargs")
+    if given is not None and not isinstance(given, Mapping):
+        raise ModelError(f"model.kwargs={given!r} is not a mapping. Fix: model.kwargs={{name:value,...}}.")
+    kwargs = dict(given or {})
+    for key in ("num_classes", "img_size"):
+        if model_cfg.get(key) is not None:
+            kwargs[key] = int(model_cfg[key])
+    return kwargs

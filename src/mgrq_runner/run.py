@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.console import print_projection, print_summary, recon_progress, track
-from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
+from mgrq_runner.data import DataBundle, build_data, create_loader, read_calibration_list, resolved_data_config
 from mgrq_runner.devices import CPU_CORES, cpu_threads, resolve_device, warn_if_cpu_busy
 from mgrq_runner.distributed import evaluate_distributed
 from mgrq_runner.errors import ConfigError, Interrupted, ModelError, error_message
@@ -49,7 +49,7 @@ from mgrq_runner.recon import (
 from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
 from mgrq_runner.resume import fingerprint, previous_results, resume_target
-from mgrq_runner.rundir import CALIBRATION_LIST, RECON_CURVES, RECON_STATE, locked, results_path
+from mgrq_runner.rundir import CALIBRATION_LIST, CLASS_LIST, RECON_CURVES, RECON_STATE, locked, results_path
 from mgrq_runner.validate import check_values
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Settings:
     recon: ReconConfig | None
     losses: LossConfig | None
     num_calib: int
+    calib_list: list[str] | None = None  # calib.list: the calibration images by name, in order
 
 
 def quant_settings(cfg: DictConfig) -> tuple[QuantConfig, InitConfig]:
@@ -101,12 +102,20 @@ def settings(cfg: DictConfig) -> Settings:
     quant, init = quant_settings(cfg) if quantize else (None, None)
     recon, losses = recon_settings(cfg)
     num_calib = int(cfg.calib.num_images if cfg.calib.num_images is not None else cfg.method.calib_images)
+    calib_list = read_calibration_list(cfg.calib.list) if cfg.calib.get("list") is not None else None
+    if calib_list is not None:
+        if cfg.calib.num_images is not None and int(cfg.calib.num_images) != len(calib_list):
+            raise ConfigError(
+                f"calib.num_images={cfg.calib.num_images} but calib.list names {len(calib_list)} images. "
+                "Fix: drop calib.num_images (the list decides), or list that many images."
+            )
+        num_calib = len(calib_list)
     if cfg.get("dry_run", False) and recon is None:
         raise ConfigError(
             f"dry_run=true projects a reconstruction, but method {cfg.method.name} does not reconstruct. "
             "Fix: method=brecq, qdrop or mgrq, or drop dry_run."
         )
-    return Settings(quant, init, recon, losses, num_calib)
+    return Settings(quant, init, recon, losses, num_calib, calib_list)
 
 
 def check_model_preset(cfg: DictConfig) -> None:
@@ -243,7 +252,7 @@ def _pipeline(
 ) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
-    fp_model, bundle = build(cfg, results_file, job.num_calib, device)
+    fp_model, bundle = build(cfg, results_file, job, device)
     models = {"fp": fp_model.to(device)}
     if job.quant is not None and job.init is not None:
         models["quant"], images = quantize_and_calibrate(fp_model, bundle, cfg, job, results_file, device)
@@ -264,19 +273,27 @@ def _pipeline(
 
 
 def build(
-    cfg: DictConfig, results_file: ResultsFile, num_calib: int, device: torch.device
+    cfg: DictConfig, results_file: ResultsFile, job: Settings, device: torch.device
 ) -> tuple[torch.nn.Module, DataBundle]:
     """Stage ``build_model`` and ``data``: the FP model (on the CPU) and the calibration and evaluation sets."""
     with results_file.stage("build_model"):
         fp_model = create_model(cfg.model)
     with results_file.stage("data"):
-        bundle = build_data(cfg.data, fp_model, max(num_calib, 1), int(cfg.seed))
+        bundle = build_data(cfg.data, fp_model, max(job.num_calib, 1), int(cfg.seed), job.calib_list)
+    if bundle.class_names is not None:
+        (results_file.path.parent / CLASS_LIST).write_text("\n".join(bundle.class_names) + "\n")
     check_classes(fp_model, bundle, cfg)
     results_file.update(**_model_fields(fp_model, cfg, device))
     return fp_model, bundle
 
 
 def check_classes(model: torch.nn.Module, bundle: DataBundle, cfg: DictConfig) -> None:
+    if model.num_classes != bundle.num_classes and cfg.data.name == "folder":
+        raise ConfigError(
+            f"model {cfg.model.name} predicts {model.num_classes} classes but the folder data set {cfg.data.root} "
+            f"has {bundle.num_classes}. Fix: model.num_classes={bundle.num_classes} with model.checkpoint=<the "
+            f"checkpoint fine-tuned on these classes>, or check data.root (classes: {CLASS_LIST} in the run dir)."
+        )
     if model.num_classes != bundle.num_classes:
         raise ConfigError(
             f"model {cfg.model.name} predicts {model.num_classes} classes but data {cfg.data.name} has "

@@ -18,6 +18,7 @@ from mgrq_runner.errors import ConfigError
 
 RESULTS = "results.json"  # metrics, times, versions, status: results.ResultsFile writes it, analysis reads it
 CALIBRATION_LIST = "calibration_images.txt"  # the calibration images' ids, one a line
+CLASS_LIST = "classes.txt"  # data=folder: the class names in label order
 RECON_CURVES = "recon_curves.json"  # per unit, the loss terms every 10 steps (recon.curves.LossCurves)
 RECON_STATE = "recon_state"  # a folder: the finished units of an unfinished reconstruction (recon.state)
 EXPORT_WEIGHTS = "quantized_model.safetensors"  # integer weight codes and quantizer parameters (export.py)

@@ -1,0 +1,260 @@
+"""Your own data and model: ``data=folder`` trees, ``calib.list``, ``model.num_classes`` / ``img_size`` / ``kwargs``.
+
+The equality checks write real Fashion-MNIST images as PNG folders (``scripts/fashion_mnist_to_folder.py``) and
+compare them with the built-in Fashion-MNIST path, image for image.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from mgrq_runner.data import build_data, load_fashion_mnist, resolved_data_config
+from mgrq_runner.errors import ConfigError, DataError, ModelError
+from mgrq_runner.models import create_model, create_proxy_model
+from mgrq_runner.quant.api import QuantConfig, quantize_
+from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.run import run
+from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "fashion_mnist_to_folder.py"
+CLASSES = ("cat", "dog", "owl")
+
+
+@pytest.fixture(scope="module")
+def fmnist_tree(tmp_path_factory) -> Path:
+    """The first 300 train and 300 test images of Fashion-MNIST as a PNG folder tree."""
+    root = tmp_path_factory.mktemp("fmnist")
+    subprocess.run([sys.executable, str(SCRIPT), str(root), "--limit", "300"], check=True, capture_output=True)
+    return root
+
+
+def _index(path: str) -> int:
+    return int(Path(path).stem)
+
+
+@needs_fashion_mnist
+def test_folder_images_and_calibration_equal_the_built_in_path(fmnist_tree: Path, tmp_path: Path) -> None:
+    built_in_list = tmp_path / "built_in.txt"
+    chosen = [17, 3, 250, 99, 120, 5, 42, 201]  # the list's order is kept
+    built_in_list.write_text("".join(f"train[{i}]\n" for i in chosen))
+    folder_list = tmp_path / "folder.txt"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(fmnist_tree), "--convert-list", str(built_in_list), str(folder_list)],
+        check=True,
+        capture_output=True,
+    )
+    model = create_proxy_model()
+    entries = folder_list.read_text().split()
+    folder_cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={fmnist_tree}", "data.workers=0").data
+    folder = build_data(folder_cfg, model, 8, 0, entries)
+    built_in = build_data(compose_config(tmp_path / "run").data, model, 8, 0, [f"train[{i}]" for i in chosen])
+
+    assert folder.num_classes == 10 and folder.class_names[0] == "T-shirt_top"  # classes.txt's order, not sorted
+    assert [_index(p) for p in folder.calibration_ids] == chosen and built_in.calibration_ids[0] == "train[17]"
+    for (a, label_a), (b, label_b) in zip(folder.calibration, built_in.calibration, strict=True):
+        assert torch.equal(a, b) and label_a == label_b
+    test = load_fashion_mnist(FASHION_MNIST_ROOT, "test")
+    assert len(folder.evaluation) == 300
+    for (image, label), (path, _) in zip(folder.evaluation, folder.evaluation.samples, strict=True):
+        expected_image, expected_label = test[_index(path)]
+        assert torch.equal(image, expected_image) and label == int(expected_label)
+
+    # The same calibration images give the same calibrated model, so the same predictions and scores.
+    def calibrated(bundle) -> torch.nn.Module:
+        quant = quantize_(copy.deepcopy(model), QuantConfig(w_bits=4, a_bits=4))
+        images = torch.stack([image for image, _ in bundle.calibration])
+        calibrate(quant, [images], 1, InitConfig(), torch.device("cpu"))
+        return quant
+
+    a, b = calibrated(folder), calibrated(built_in)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _rgb_tree(root: Path, split_names=("train", "val"), per_class: int = 4) -> Path:
+    """Random 24x24 images in three class folders; one grey and one RGBA image among them."""
+    generator = torch.Generator().manual_seed(0)
+    for split in split_names:
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (24, 24, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    Image.new("L", (24, 24), 128).save(root / "train" / "cat" / "grey.png")
+    Image.new("RGBA", (24, 24), (10, 200, 30, 90)).save(root / split_names[-1] / "owl" / "alpha.png")
+    return root
+
+
+TINY_VIT = (
+    "model=timm",
+    "model.name=vit_tiny_patch16_224",
+    "model.num_classes=3",
+    "model.img_size=32",
+    "model.kwargs={depth:2,patch_size:8,embed_dim:32,num_heads:2}",
+)
+
+
+def test_own_model_and_folder_through_the_pipeline(tmp_path: Path) -> None:
+    """A timm ViT with 3 classes, saved and reloaded as a checkpoint, on a 3-class folder data set (validation/
+    spelling, a grey and an RGBA image): calibration, mgrq with 2 iterations per unit, evaluation."""
+    root = _rgb_tree(tmp_path / "pets", ("train", "validation"))
+    random_cfg = compose_config(tmp_path / "unused", *TINY_VIT, "model.pretrained=false")
+    model = create_model(random_cfg.model)
+    checkpoint = tmp_path / "finetuned.safetensors"
+    save_file(model.state_dict(), str(checkpoint))
+    cfg = compose_config(
+        tmp_path / "run",
+        *TINY_VIT,
+        f"model.checkpoint={checkpoint}",
+        "data=folder",
+        f"data.root={root}",
+        "data.workers=0",
+        "calib.num_images=8",
+        "model.recon_iters=2",
+        "method.recon.batch_size=4",
+        "threads=1",
+    )
+    results, objects = run(cfg)
+    assert results["status"] == "done" and results["num_eval"] == 13 and results["num_calib"] == 8
+    assert (tmp_path / "run" / "classes.txt").read_text().split() == list(CLASSES)
+    assert results["img_size"] == 32
+    for key, value in model.state_dict().items():  # the checkpoint was loaded, not fresh random weights
+        assert torch.equal(objects["fp_model"].state_dict()[key], value)
+
+
+def test_class_count_mismatch_names_both_numbers(tmp_path: Path) -> None:
+    root = _rgb_tree(tmp_path / "pets")
+    cfg = compose_config(
+        tmp_path / "run",
+        *TINY_VIT[:2],
+        "model.num_classes=5",
+        "model.img_size=32",
+        "model.kwargs={depth:1,patch_size:8,embed_dim:32,num_heads:2}",
+        "model.pretrained=false",
+        "data=folder",
+        f"data.root={root}",
+        "data.workers=0",
+        "method=fp",
+    )
+    with pytest.raises(
+        ConfigError, match=r"predicts 5 classes but the folder data set .* has 3\. Fix: model.num_classes=3"
+    ):
+        run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: (root / "val").rename(root / "test"), "has no .*val/ or .*validation/"),
+        (lambda root: (root / "val" / "fox").mkdir(), "fox is not one of the data set's 3 classes"),
+        (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()], "dog holds no images"),
+        (lambda root: (root / "train" / "owl" / "9.png").write_bytes(b"not a png"), "corrupt image file .*9.png"),
+    ],
+)
+def test_folder_errors(tmp_path: Path, damage, message: str) -> None:
+    root = _rgb_tree(tmp_path / "pets")
+    damage(root)
+    cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    with pytest.raises(DataError, match=message):
+        bundle = build_data(cfg, create_proxy_model(pretrained=False), 12, 0)
+        [bundle.calibration[i] for i in range(len(bundle.calibration))]  # noqa: B018 (decodes every image)
+
+
+def test_calibration_list_errors(tmp_path: Path) -> None:
+    root = _rgb_tree(tmp_path / "pets")
+    cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    model = create_proxy_model(pretrained=False)
+    with pytest.raises(DataError, match=r"line 2: 'train/cat/77.png' is not an image of the train split"):
+        build_data(cfg, model, 2, 0, ["train/cat/0.png", "train/cat/77.png"])
+    with pytest.raises(DataError, match="more than once"):
+        build_data(cfg, model, 2, 0, ["train/cat/0.png", str(root / "train" / "cat" / "0.png")])
+    listed = build_data(cfg, model, 2, 0, ["train/owl/1.png", str(root / "train" / "cat" / "0.png")])
+    assert listed.calibration_ids == [str(root / "train" / "owl" / "1.png"), str(root / "train" / "cat" / "0.png")]
+    (tmp_path / "list.txt").write_text("train/cat/0.png\n")
+    with pytest.raises(ConfigError, match="calib.num_images=4 but calib.list names 1 images"):
+        run(
+            compose_config(
+                tmp_path / "run",
+                "data=folder",
+                f"data.root={root}",
+                f"calib.list={tmp_path / 'list.txt'}",
+                "calib.num_images=4",
+                "method=repq",
+            )
+        )
+
+
+def test_model_kwargs_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model.kwargs=5 is not a mapping"):
+        create_model(compose_config(tmp_path, "model.kwargs=5").model)
+
+
+def test_a_checkpoint_for_another_input_size_and_its_own_preprocessing(tmp_path: Path) -> None:
+    """Position embeddings trained at 32 px are resized by timm's filter for a 48 px model; a timm config.json
+    beside the checkpoint sets the preprocessing (its mean and std reach the transform)."""
+    trained = create_model(compose_config(tmp_path / "a", *TINY_VIT, "model.pretrained=false").model)
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    save_file(trained.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}}')
+    overrides = [o if o != "model.img_size=32" else "model.img_size=48" for o in TINY_VIT]
+    cfg = compose_config(tmp_path / "b", *overrides, f"model.checkpoint={folder / 'model.safetensors'}")
+    model = create_model(cfg.model)
+    assert model.pos_embed.shape[1] == 1 + (48 // 8) ** 2 and trained.pos_embed.shape[1] == 1 + (32 // 8) ** 2
+    assert torch.equal(model.cls_token, trained.cls_token)  # the rest of the weights as trained
+    data_config = resolved_data_config(model, cfg.data)
+    assert data_config["mean"] == (0.1, 0.2, 0.3) and data_config["input_size"] == (3, 48, 48)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="is not a timm config"):
+        create_model(cfg.model)
+
+
+HUB_MODEL = """
+import sys
+import torch
+from omegaconf import OmegaConf
+from mgrq_runner.models import create_model
+model = create_model(OmegaConf.create({"name": "hf-hub:me/tiny", "pretrained": True, "checkpoint": None}))
+expected = torch.load(sys.argv[1])
+same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+print(model.num_classes, same, model.pretrained_cfg["mean"])
+"""
+
+
+def test_a_hub_model_from_the_local_cache(tmp_path: Path) -> None:
+    """``model.name=hf-hub:org/repo`` goes through timm, offline, when the hub's files are in the local cache."""
+    arch = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **arch)
+    repo = tmp_path / "hf" / "hub" / "models--me--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    pretrained_cfg = {"input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "num_classes": 3}
+    config = {
+        "architecture": "vit_tiny_patch16_224",
+        "num_classes": 3,
+        "model_args": arch,
+        "pretrained_cfg": pretrained_cfg,
+    }
+    (snapshot / "config.json").write_text(json.dumps(config))
+    save_file(model.state_dict(), str(snapshot / "model.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "expected.pth")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_MODEL, str(tmp_path / "expected.pth")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    classes, same_weights, mean = done.stdout.strip().split(" ", 2)
+    assert classes == "3" and same_weights == "True" and "0.4" in mean  # the hub config's preprocessing
