@@ -6,7 +6,6 @@ compare them with the built-in Fashion-MNIST path, image for image.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -19,11 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mgrq_runner.data import build_data, load_fashion_mnist, resolved_data_config
+from mgrq_runner.data import build_data, create_loader, load_fashion_mnist, resolved_data_config
 from mgrq_runner.errors import ConfigError, DataError, ModelError
+from mgrq_runner.evaluate import evaluate
 from mgrq_runner.models import create_model, create_proxy_model
-from mgrq_runner.quant.api import QuantConfig, quantize_
-from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.run import run
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 
@@ -56,7 +54,8 @@ def test_folder_images_and_calibration_equal_the_built_in_path(fmnist_tree: Path
     )
     model = create_proxy_model()
     entries = folder_list.read_text().split()
-    folder_cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={fmnist_tree}", "data.workers=0").data
+    folder_overrides = ("data=folder", f"data.root={fmnist_tree}", "data.workers=0")
+    folder_cfg = compose_config(tmp_path / "run", *folder_overrides).data
     folder = build_data(folder_cfg, model, 8, 0, entries)
     built_in = build_data(compose_config(tmp_path / "run").data, model, 8, 0, [f"train[{i}]" for i in chosen])
 
@@ -70,15 +69,23 @@ def test_folder_images_and_calibration_equal_the_built_in_path(fmnist_tree: Path
         expected_image, expected_label = test[_index(path)]
         assert torch.equal(image, expected_image) and label == int(expected_label)
 
-    # The same calibration images give the same calibrated model, so the same predictions and scores.
-    def calibrated(bundle) -> torch.nn.Module:
-        quant = quantize_(copy.deepcopy(model), QuantConfig(w_bits=4, a_bits=4))
-        images = torch.stack([image for image, _ in bundle.calibration])
-        calibrate(quant, [images], 1, InitConfig(), torch.device("cpu"))
-        return quant
-
-    a, b = calibrated(folder), calibrated(built_in)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # Through the whole pipeline: the same listed images calibrate the same model, so on the same evaluation
+    # images the folder run's scores are the built-in model's.
+    folder_run, folder_objects = run(
+        compose_config(tmp_path / "folder", "method=repq", "threads=1", *folder_overrides, f"calib.list={folder_list}")
+    )
+    _, built_in_objects = run(
+        compose_config(
+            tmp_path / "built_in", "method=repq", "threads=1", "data.num_eval=50", f"calib.list={built_in_list}"
+        )
+    )
+    folder_state, built_in_state = (o["quant_model"].state_dict() for o in (folder_objects, built_in_objects))
+    assert all(torch.equal(folder_state[k], built_in_state[k]) for k in built_in_state)
+    models = {"fp": built_in_objects["fp_model"], "quant": built_in_objects["quant_model"]}
+    scores = evaluate(models, create_loader(folder.evaluation, 100), torch.device("cpu"))["quant"]
+    assert folder_run["num_calib"] == 8 and folder_run["num_eval"] == 300
+    assert (folder_run["top1"], folder_run["top5"]) == (round(scores.top1, 3), round(scores.top5, 3))
+    assert folder_run["fp_agreement"] == round(scores.agreement, 5)
 
 
 def _rgb_tree(root: Path, split_names=("train", "val"), per_class: int = 4) -> Path:

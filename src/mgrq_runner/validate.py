@@ -68,6 +68,8 @@ def check_values(cfg: DictConfig) -> None:
     check_bool(cfg, "dry_run")
     check_int(cfg, "calib.num_images", 1, optional=True)
     check_int(cfg, "model.num_classes", 1, optional=True)
+    check_int(cfg, "model.img_size", 1, optional=True)
+    check_bool(cfg, "model.checkpoint_ema")
     check_int(cfg, "calib.batch_size", 1)
     check_int(cfg, "eval.world_size", 1, max_world_size(device))
     check_choice(cfg, "eval.backend", EVAL_BACKENDS)
