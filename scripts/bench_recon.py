@@ -5,6 +5,7 @@
 
     python scripts/bench_recon.py --model proxy_vit --iters 50            # the shipped proxy (28x28 images)
     python scripts/bench_recon.py --model proxy_vit --profile             # where an iteration's time goes
+    python scripts/bench_recon.py --model proxy_vit --threads 1           # (run two at once: thread contention)
 
 Times, on one middle block and the same batch: an FP block forward+backward; a qdrop iteration (AdaRound,
 learned step sizes, QDrop, block loss, rounding regulariser, optimiser steps); an mgrq iteration with the global
@@ -106,10 +107,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--profile", action="store_true", help="also print where a qdrop and an mgrq step go")
     parser.add_argument("--malloc-defaults", action="store_true", help="skip keep_freed_memory() (as mgrq-run does it)")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     allocator = "glibc defaults" if args.malloc_defaults or not keep_freed_memory() else "keeps freed memory"
     torch.manual_seed(0)
     device = torch.device(args.device)
