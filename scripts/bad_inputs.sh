@@ -6,6 +6,7 @@
 # accepts costs seconds, not a whole run.
 set -u
 mgrq_run=${1:-mgrq-run}
+python=$(dirname "$(command -v "$mgrq_run")")/python  # the package's own interpreter (it has PIL)
 small="debug=smoke method.recon.iters=2"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -14,6 +15,11 @@ printf '\x10\x00\x00\x00\x00\x00\x00\x00{not json' > "$tmp/garbage.safetensors"
 printf 'a file' > "$tmp/imagenet.tar"
 mkdir -p "$tmp/empty_run" "$tmp/imagenet/train" "$tmp/imagenet/val/n01440764"
 printf 'truncated' > "$tmp/imagenet/val/n01440764/bad.JPEG"
+mkdir -p "$tmp/pets/train/cat" "$tmp/pets/train/dog" "$tmp/pets/val/cat" "$tmp/empty_class/train/cat" \
+  "$tmp/empty_class/train/dog" "$tmp/empty_class/val/cat"  # two classes; empty_class: dog has no images
+"$python" -c "from PIL import Image; Image.new('L', (28, 28)).save('$tmp/pets/train/cat/0.png')"
+for f in pets/train/dog pets/val/cat empty_class/train/cat empty_class/val/cat; do cp "$tmp/pets/train/cat/0.png" "$tmp/$f/"; done
+printf 'train/cat/404.png\n' > "$tmp/list.txt"
 cases=(
   "data.root=/no/such/dir model=deit_t model.pretrained=false"
   "data.root=$tmp/imagenet.tar model=deit_t model.pretrained=false"
@@ -46,6 +52,12 @@ cases=(
   "mode=eval"
   "mode=eval checkpoint=$tmp/empty_run"
   "resume=$tmp/empty_run"
+  "data=folder"
+  "data=folder data.root=$tmp/nowhere"
+  "data=folder data.root=$tmp/empty_class"
+  "data=folder data.root=$tmp/pets"
+  "calib.list=$tmp/missing.txt"
+  "data=folder data.root=$tmp/pets calib.list=$tmp/list.txt"
 )
 for args in "${cases[@]}"; do
   rm -rf "$tmp/run"

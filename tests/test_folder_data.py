@@ -265,3 +265,17 @@ def test_a_hub_model_from_the_local_cache(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     classes, same_weights, mean = done.stdout.strip().split(" ", 2)
     assert classes == "3" and same_weights == "True" and "0.4" in mean  # the hub config's preprocessing
+
+
+def test_a_deeper_proxy_with_its_own_checkpoint(tmp_path: Path) -> None:
+    """``model.kwargs`` reaches the proxy's constructor too: a 6-block proxy loads its own weights, and the
+    shipped 4-block weights are refused for it with the fix named."""
+    deeper = create_proxy_model(pretrained=False, depth=6)
+    save_file(deeper.state_dict(), str(tmp_path / "deeper.safetensors"))
+    cfg = compose_config(
+        tmp_path / "run", "model.kwargs={depth:6}", f"model.checkpoint={tmp_path / 'deeper.safetensors'}"
+    )
+    model = create_model(cfg.model)
+    assert len(model.blocks) == 6 and torch.equal(model.blocks[5].mlp.fc2.weight, deeper.blocks[5].mlp.fc2.weight)
+    with pytest.raises(ModelError, match=r"do not fit proxy_vit with \{'depth': 6\}.*Fix: model.checkpoint="):
+        create_model(compose_config(tmp_path / "run", "model.kwargs={depth:6}").model)
