@@ -55,9 +55,9 @@ cases=(
   "data=folder"
   "data=folder data.root=$tmp/nowhere"
   "data=folder data.root=$tmp/empty_class"
-  "data=folder data.root=$tmp/pets"
+  "data=folder data.root=$tmp/pets calib.num_images=2 data.num_eval=null"
   "calib.list=$tmp/missing.txt"
-  "data=folder data.root=$tmp/pets calib.list=$tmp/list.txt"
+  "data=folder data.root=$tmp/pets calib.list=$tmp/list.txt calib.num_images=null"
 )
 for args in "${cases[@]}"; do
   rm -rf "$tmp/run"
