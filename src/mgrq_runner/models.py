@@ -314,7 +314,8 @@ def load_checkpoint(model: nn.Module, name: str, checkpoint: str, ema: bool) -> 
     ) from error
 
 
-PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+# The input size is not among them: the model's own (its architecture's, or model.img_size) decides it.
+PREPROCESSING_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 def checkpoint_preprocessing(checkpoint: Path) -> dict[str, Any]:
@@ -330,7 +331,7 @@ def checkpoint_preprocessing(checkpoint: Path) -> dict[str, Any]:
             f"{config} beside the checkpoint is not a timm config ({err}). Fix: repair or remove it."
         ) from err
     found = {key: pretrained_cfg[key] for key in PREPROCESSING_KEYS if key in pretrained_cfg}
-    found = {key: tuple(value) if isinstance(value, list) else value for key, value in found.items()}  # timm's
+    found = {key: tuple(value) if isinstance(value, list) else value for key, value in found.items()}  # as timm
     if found:
         log.info("preprocessing from %s: %s", config, found)
     return found
