@@ -120,24 +120,17 @@ def test_own_model_and_folder_through_the_pipeline(tmp_path: Path) -> None:
     model = create_model(random_cfg.model)
     checkpoint = tmp_path / "finetuned.safetensors"
     save_file(model.state_dict(), str(checkpoint))
-    cfg = compose_config(
-        tmp_path / "run",
-        *TINY_VIT,
-        f"model.checkpoint={checkpoint}",
-        "data=folder",
-        f"data.root={root}",
-        "data.workers=0",
-        "calib.num_images=8",
-        "model.recon_iters=2",
-        "method.recon.batch_size=4",
-        "threads=1",
-    )
-    results, objects = run(cfg)
+    overrides = (*TINY_VIT, f"model.checkpoint={checkpoint}", "data=folder", f"data.root={root}", "data.workers=0")
+    settings = ("calib.num_images=8", "model.recon_iters=2", "method.recon.batch_size=4", "threads=1")
+    results, objects = run(compose_config(tmp_path / "run", *overrides, *settings, "export=true"))
     assert results["status"] == "done" and results["num_eval"] == 13 and results["num_calib"] == 8
     assert (tmp_path / "run" / "classes.txt").read_text().split() == list(CLASSES)
     assert results["img_size"] == 32
     for key, value in model.state_dict().items():  # the checkpoint was loaded, not fresh random weights
         assert torch.equal(objects["fp_model"].state_dict()[key], value)
+    # The exported integer model, evaluated on its own (mode=eval), scores what the run scored.
+    evaluated, _ = run(compose_config(tmp_path / "eval", *overrides, "mode=eval", f"checkpoint={tmp_path / 'run'}"))
+    assert (evaluated["top1"], evaluated["top5"], evaluated["num_eval"]) == (results["top1"], results["top5"], 13)
 
 
 def test_class_count_mismatch_names_both_numbers(tmp_path: Path) -> None:
