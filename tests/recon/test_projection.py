@@ -55,7 +55,8 @@ def test_dry_run_records_a_projection_and_no_result(compose_cfg) -> None:
     assert results["status"] == "projected" and "top1" not in results and "reconstruct" not in results["times"]
     projection = results["projection"]
     assert [u["unit"] for u in projection["units"]] == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
-    assert projection["seconds"] >= sum(u["seconds"] for u in projection["units"])
+    rounding = 0.05 + 0.005 * len(projection["units"])  # the total is rounded to 0.1 s, each unit to 0.01 s
+    assert projection["seconds"] + rounding >= sum(u["seconds"] for u in projection["units"])
     assert load_runs([cfg.output_dir]) == []  # a projection is not a result: tables skip it
 
 
