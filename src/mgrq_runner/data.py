@@ -424,7 +424,7 @@ def build_data(
         evaluation: Dataset = (
             train if eval_split == "heldout" else load_fashion_mnist(data_cfg.root, "test", download_dir)
         )
-        keys, key_of = [f"train[{i}]" for i in range(len(train))], _fashion_key  # type: ignore[arg-type]
+        train_keys, key_of = lambda: [f"train[{i}]" for i in range(len(train))], _fashion_key  # type: ignore[arg-type]
         num_classes = 10
     elif data_cfg.name in ("imagenet", "folder"):
         calib_transform = create_transform(model, data_cfg, training=data_cfg.calib_transform == "train")
@@ -442,14 +442,13 @@ def build_data(
             split = "train" if eval_split == "heldout" else "val"
             evaluation = ImageFolder(root, split, class_names, eval_transform, mode)
             num_classes = len(class_names)
-        keys = [os.path.realpath(path) for path, _ in train.samples]
-        key_of = _path_key(root)
+        train_keys, key_of = lambda: [os.path.realpath(path) for path, _ in train.samples], _path_key(root)
     else:
         raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet, data=folder or data=fashion_mnist.")
     if calib_list is None:
         calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
     else:
-        calibration, indices = listed_subset(train, keys, calib_list, key_of)
+        calibration, indices = listed_subset(train, train_keys(), calib_list, key_of)  # keys only when listed
     ids = (
         [f"train[{i}]" for i in indices] if data_cfg.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
     )
