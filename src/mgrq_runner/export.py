@@ -44,7 +44,7 @@ MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
 
 
-def _grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
     if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on
         return layer.rounding.scale, layer.rounding.zero_point
@@ -60,7 +60,7 @@ def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
     quantizer's grid. Raises RuntimeError if the codes do not reproduce the weight the layer computes with.
     """
     bits = layer.weight_quantizer.bits
-    scale, zero_point = _grid(layer)
+    scale, zero_point = weight_grid(layer)
     rounding = layer.rounding
     if rounding is not None:
         if not rounding.hard:
@@ -100,7 +100,7 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "adaround": layer.rounding is not None,
         }
         if enabled:
-            scale, zero_point = _grid(layer)
+            scale, zero_point = weight_grid(layer)
             tensors[f"{name}.weight_codes"] = cpu_copy(weight_codes(layer))
             tensors[f"{name}.weight_quantizer.scale"] = cpu_copy(scale.reshape(-1))
             tensors[f"{name}.weight_quantizer.zero_point"] = cpu_copy(zero_point.reshape(-1))

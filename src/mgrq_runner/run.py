@@ -32,8 +32,9 @@ from mgrq_runner.devices import CPU_CORES, cpu_threads, resolve_device, warn_if_
 from mgrq_runner.distributed import evaluate_distributed
 from mgrq_runner.errors import ConfigError, Interrupted, ModelError, error_message
 from mgrq_runner.evaluate import EvalResult, evaluate
-from mgrq_runner.export import export_quantized, load_quantized, read_manifest
+from mgrq_runner.export import export_quantized, file_sha256, load_quantized, read_manifest
 from mgrq_runner.models import PROXIES, create_model
+from mgrq_runner.onnx_export import OnnxRuntimeModel, export_onnx, integer_kernels
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon import (
@@ -263,8 +264,7 @@ def _pipeline(
             reconstruct_stage(models, images, cfg, job, results_file, state, on_step)
         if cfg.get("export", False):  # before evaluation: a failure there still leaves the export
             with results_file.stage("export"):
-                info = export_info(cfg, job.quant, job.num_calib)
-                results_file.update(export=export_quantized(models["quant"], results_file.path.parent, info))
+                export_stage(models["quant"], images, cfg, job, results_file)
     elif cfg.get("export", False):
         log.warning("export=true: method %s does not quantize, nothing to export", cfg.method.name)
     score(models, bundle, cfg, results_file, device)
@@ -385,7 +385,7 @@ def score(
     cfg: DictConfig,
     results_file: ResultsFile,
     device: torch.device,
-) -> None:
+) -> dict[str, EvalResult]:
     """Stage ``evaluate``: top-1/top-5 of every model; the last one's are the run's, the FP model's beside them."""
     with results_file.stage("evaluate"):
         scores = _evaluate(models, bundle.evaluation, cfg, device)
@@ -399,6 +399,7 @@ def score(
         log.info("top-1 %.2f (FP %.2f), agreement %.4f", final.top1, fp.top1, final.agreement)
     else:
         log.info("top-1 %.2f", final.top1)
+    return scores
 
 
 def _model_fields(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -444,6 +445,20 @@ def _score_fields(scores: dict[str, EvalResult], fp: EvalResult | None) -> dict[
     }
 
 
+def export_stage(
+    model: torch.nn.Module, images: torch.Tensor, cfg: DictConfig, job: Settings, results_file: ResultsFile
+) -> None:
+    """Stage ``export``: the integer codes (safetensors) and, with ``export=onnx``, ``model.onnx`` first (the
+    manifest records it)."""
+    assert job.quant is not None
+    run_dir = results_file.path.parent
+    info = export_info(cfg, job.quant, job.num_calib)
+    if cfg.export == "onnx":
+        info["onnx"] = export_onnx(model, run_dir, images[:2])
+    exported = export_quantized(model, run_dir, info)
+    results_file.update(export={**exported, **({"onnx": info["onnx"]} if "onnx" in info else {})})
+
+
 def export_info(cfg: DictConfig, quant_config: QuantConfig, num_calib: int) -> dict[str, Any]:
     """The run's description in an export manifest."""
     return {
@@ -461,6 +476,28 @@ def export_info(cfg: DictConfig, quant_config: QuantConfig, num_calib: int) -> d
         "versions": library_versions(),
         "git_sha": git_revision(),
     }
+
+
+def onnxruntime_models(
+    model: torch.nn.Module, manifest: dict[str, Any], checkpoint: Path, device: torch.device, results_file: ResultsFile
+) -> dict[str, torch.nn.Module]:
+    """``eval.runtime=onnxruntime``: the FP model (when its weights can be reloaded), the simulated model and the
+    export's ``model.onnx`` under onnxruntime, evaluated in one pass (the last one's scores are the run's)."""
+    if "onnx" not in manifest:
+        raise ModelError(f"{checkpoint} holds no ONNX export. Fix: re-run that job with export=onnx.")
+    path = checkpoint / manifest["onnx"]["file"]
+    if not path.is_file() or file_sha256(path) != manifest["onnx"]["sha256"]:
+        raise ModelError(
+            f"{path} is missing or does not match the checksum in its manifest. Fix: re-run that job with export=onnx."
+        )
+    models: dict[str, torch.nn.Module] = {}
+    model_cfg = manifest["model"]
+    if model_cfg.get("pretrained") or model_cfg.get("checkpoint"):  # the FP weights the run started from
+        models["fp"] = create_model(OmegaConf.create(model_cfg)).to(device).eval()
+    models["simulation"] = model
+    models["onnxruntime"] = runtime = OnnxRuntimeModel(path, device)
+    results_file.update(onnx={"file": str(path), "providers": runtime.providers, "kernels": integer_kernels(path)})
+    return models
 
 
 def run_eval(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -501,11 +538,17 @@ def _run_eval_job(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[
         device = resolve_device(str(cfg.device))
         with results_file.stage("load_checkpoint"):
             model = load_quantized(checkpoint, device)
+            models = {"quant": model}
+            if cfg.eval.runtime == "onnxruntime":
+                models = onnxruntime_models(model, manifest, checkpoint, device, results_file)
         with results_file.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
             bundle = build_data(cfg.data, model, max(num_calib, 1), int(cfg.seed))
         check_classes(model, bundle, cfg)
         results_file.update(**_model_fields(model, cfg, device))
-        score({"quant": model}, bundle, cfg, results_file, device)
+        scores = score(models, bundle, cfg, results_file, device)
+        if "onnxruntime" in scores:
+            same = scores["onnxruntime"].predictions == scores["simulation"].predictions
+            results_file.update(agreement_with_simulation=round(float(same.float().mean()), 5))
         results_file.update(num_calib=num_calib)
     print_summary(results_file.data)
     return results_file.data, {"fp_model": None, "quant_model": model, "data": bundle}

@@ -102,6 +102,8 @@ class Results(TypedDict, total=False):
     fp_top1: float | None
     fp_top5: float | None
     fp_agreement: float | None  # share of evaluation images whose top-1 class equals the FP model's
+    agreement_with_simulation: float  # eval.runtime=onnxruntime: top-1 equal to the simulated model's, share
+    onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph
     num_calib: int
     num_eval: int
     throughput: dict[str, float]  # images per second, per evaluated model

@@ -16,9 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner.errors import ConfigError
+from mgrq_runner.onnx_export import require_deploy
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|claim|cuda(:\d+)?)$")
 EVAL_BACKENDS = ("auto", "gloo", "nccl")
+EVAL_RUNTIMES = ("torch", "onnxruntime")
 
 
 def _is_int(value: Any) -> bool:
@@ -64,7 +66,12 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"device={device!r} is unknown. Fix: device=auto, cpu, cuda, cuda:<index> or claim.")
     check_choice(cfg, "mode", ("run", "eval"))
     check_bool(cfg, "progress")
-    check_bool(cfg, "export")
+    export = cfg.get("export")
+    if export not in (True, False, "onnx"):
+        raise ConfigError(
+            f"export={export!r} is unknown. Fix: export=true (integer codes, safetensors), export=onnx (that and "
+            "model.onnx) or export=false."
+        )
     check_bool(cfg, "dry_run")
     check_int(cfg, "calib.num_images", 1, optional=True)
     check_int(cfg, "model.num_classes", 1, optional=True)
@@ -73,6 +80,16 @@ def check_values(cfg: DictConfig) -> None:
     check_int(cfg, "calib.batch_size", 1)
     check_int(cfg, "eval.world_size", 1, max_world_size(device))
     check_choice(cfg, "eval.backend", EVAL_BACKENDS)
+    check_choice(cfg, "eval.runtime", EVAL_RUNTIMES)
+    if cfg.eval.runtime == "onnxruntime" and cfg.mode != "eval":
+        raise ConfigError(
+            "eval.runtime=onnxruntime evaluates an exported model. Fix: mode=eval checkpoint=<run dir of a run made "
+            "with export=onnx> eval.runtime=onnxruntime."
+        )
+    if cfg.eval.runtime == "onnxruntime" and cfg.eval.world_size > 1:
+        raise ConfigError("eval.runtime=onnxruntime runs in one process. Fix: eval.world_size=1.")
+    if export == "onnx" or cfg.eval.runtime == "onnxruntime":
+        require_deploy()
     check_int(cfg, "data.batch_size", 1)
     check_int(cfg, "data.workers", 0)
     check_int(cfg, "data.num_eval", 1, optional=True)

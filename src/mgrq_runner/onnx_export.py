@@ -1,0 +1,398 @@
+"""ONNX export of a quantized model for onnxruntime's integer kernels, and an onnxruntime model to evaluate it.
+
+``export_onnx`` writes ``model.onnx``: the run's quantized model with a QuantizeLinear/DequantizeLinear pair
+carrying the run's own grid on every enabled activation quantizer (Linear and patch-embedding inputs, the
+``q @ k^T`` operands, the ``v`` operand), and every quantized weight stored as integer codes behind a
+DequantizeLinear (per output channel). LayerNorm, Softmax, GELU and residual adds stay in float, as in the
+simulation. onnxruntime fuses ``DequantizeLinear -> MatMul`` into integer kernels (``MatMulIntegerToFloat``).
+
+Containers: activations are uint8 codes (zero point in ``0 .. 2**b - 1``), weights int8 codes shifted by
+``2**(b-1)`` (the same real values: ``(c - z) * s``), so W4, W3 weights use a few int8 values and no 8-bit
+multiply saturates. Below 8 activation bits a Clip to the grid's range precedes the QuantizeLinear: the codes
+are exactly the b-bit grid's. The log-sqrt(2) softmax quantizer has no ONNX operator: it is exported as an
+explicit float elementwise subgraph (Log, Round, Clip, Exp, Where) and ``attn @ v`` runs in float.
+
+Needs the ``deploy`` extra (onnx, onnxruntime, onnxscript): ``pip install -e '.[deploy]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.export import file_sha256, weight_codes, weight_grid
+from mgrq_runner.files import write_atomic
+from mgrq_runner.quant import primitives
+from mgrq_runner.quant.api import quant_layers, quantizers
+from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantWeightLayer
+from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+ONNX_FILE = "model.onnx"
+OPSET = 21
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INTEGER_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
+DEPLOY_HINT = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
+
+
+def require_deploy() -> None:
+    """Raises ConfigError naming the install command when the deploy extra is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"ONNX export and evaluation need {err.name}. Fix: {DEPLOY_HINT}.") from None
+
+
+# -- the two operators the exporter translates by hand ------------------------------------------------------------
+
+
+@torch.library.custom_op("mgrq::quantize_dequantize", mutates_args=())
+def quantize_dequantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The simulation's fake quantization (``zero_point`` as uint8; ``low``/``high`` the grid's real range)."""
+    return primitives.fake_quantize_inference(x, scale, zero_point.float(), bits)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, low, high, bits):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mgrq::dequantize_weight", mutates_args=())
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """Real weights of int8 ``codes``: ``(codes - zero_point) * scale`` per slice along ``axis``."""
+    shape = [1] * codes.dim()
+    shape[axis] = -1
+    return (codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+
+@dequantize_weight.register_fake
+def _(codes, scale, zero_point, axis):  # noqa: ANN001, ANN202
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+def _translations() -> dict[Any, Any]:
+    """onnxscript translations of the two operators (imported here: onnxscript is the optional deploy extra)."""
+    from onnxscript import opset21 as op
+
+    def quantize_dequantize_onnx(x, scale, zero_point, low, high, bits: int):  # noqa: ANN001, ANN202
+        if bits < 8:  # uint8's own saturation is the 8-bit grid's; narrower grids clip first
+            x = op.Clip(x, low, high)
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+    def dequantize_weight_onnx(codes, scale, zero_point, axis: int):  # noqa: ANN001, ANN202
+        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
+
+    return {
+        torch.ops.mgrq.quantize_dequantize.default: quantize_dequantize_onnx,
+        torch.ops.mgrq.dequantize_weight.default: dequantize_weight_onnx,
+    }
+
+
+# -- the deploy model: the quantized model with its quantizers as exportable operators -------------------------
+
+
+class DeployQuantizer(nn.Module):
+    """A uniform per-tensor activation quantizer as a QuantizeLinear/DequantizeLinear pair."""
+
+    def __init__(self, quantizer: UniformQuantizer) -> None:
+        super().__init__()
+        if quantizer.per_channel or quantizer.scale.numel() != 1:
+            raise ModelError("a per-channel activation quantizer has no per-tensor QuantizeLinear")
+        self.bits = quantizer.bits
+        scale = quantizer.scale.detach().float().reshape(())
+        zero_point = quantizer.zero_point.detach().reshape(())
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero_point", zero_point.to(torch.uint8))
+        self.register_buffer("low", -zero_point * scale)
+        self.register_buffer("high", (primitives.qmax(self.bits) - zero_point) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mgrq.quantize_dequantize(x, self.scale, self.zero_point, self.low, self.high, self.bits)
+
+
+class DeployLogSqrt2(nn.Module):
+    """The log-sqrt(2) quantizer in plain operators (an explicit float subgraph in ONNX)."""
+
+    def __init__(self, quantizer: LogSqrt2Quantizer) -> None:
+        super().__init__()
+        self.register_buffer("delta", quantizer.delta.detach().float().reshape(()).clone())
+        self.zero_code = float(primitives.log_sqrt2_zero_code(quantizer.bits, quantizer.extra_level))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # primitives.log_sqrt2_fake_quantize, out of place: levels k = round(-2 log2(x / delta)), value
+        # delta * 2**(-k/2), the zero code (and x = 0, whose level is infinite) giving 0
+        levels = torch.clamp(torch.round((torch.log2(x) - torch.log2(self.delta)) * -2.0), min=0.0)
+        values = torch.exp2(levels * -0.5) * self.delta
+        return torch.where(levels >= self.zero_code, torch.zeros_like(values), values)
+
+
+def _int8_weight(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's weight codes and zero points shifted into int8 (``c - 2**(b-1)``), and its scales."""
+    try:
+        codes = weight_codes(layer).to(torch.int16)
+    except RuntimeError as err:
+        raise ModelError(f"cannot export the weight: {err}") from None
+    scale, zero_point = weight_grid(layer)
+    offset = 2 ** (layer.weight_quantizer.bits - 1)
+    return (
+        (codes - offset).to(torch.int8),
+        scale.detach().float().reshape(-1).clone(),
+        (zero_point.detach().reshape(-1) - offset).to(torch.int8),
+    )
+
+
+class _DeployWeightLayer(nn.Module):
+    def __init__(self, layer: QuantWeightLayer, transpose: bool) -> None:
+        super().__init__()
+        self.input_quantizer = deploy_quantizer(layer.input_quantizer)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.quantized = bool(layer.weight_quantizer.enabled)
+        if self.quantized:
+            codes, scale, zero_point = _int8_weight(layer)
+            self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero_point", zero_point)
+            self.axis = 1 if transpose else 0
+        else:
+            weight = layer.weight.detach().clone()
+            self.register_buffer("weight", weight.t().contiguous() if transpose else weight)
+
+    def real_weight(self) -> torch.Tensor:
+        if not self.quantized:
+            return self.weight
+        return torch.ops.mgrq.dequantize_weight(self.codes, self.weight_scale, self.weight_zero_point, self.axis)
+
+
+class DeployLinear(_DeployWeightLayer):
+    """``x @ DequantizeLinear(codes [in, out]) + bias``: the MatMul onnxruntime turns into an integer kernel."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__(layer, transpose=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.input_quantizer(x) @ self.real_weight()
+        return out if self.bias is None else out + self.bias
+
+
+class DeployConv2d(_DeployWeightLayer):
+    """The patch embedding: a Conv over the quantized image with dequantized integer weights."""
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__(layer, transpose=False)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        return F.conv2d(x, self.real_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def deploy_quantizer(quantizer: nn.Module) -> nn.Module:
+    """The exportable form of an activation quantizer: Q/DQ, the log-sqrt(2) subgraph, or Identity when off."""
+    if not getattr(quantizer, "enabled", False):
+        return nn.Identity()
+    if type(quantizer) is UniformQuantizer:
+        return DeployQuantizer(quantizer)
+    if type(quantizer) is LogSqrt2Quantizer:
+        return DeployLogSqrt2(quantizer)
+    raise ModelError(f"{type(quantizer).__name__} has no ONNX export")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def deploy_model(model: nn.Module) -> nn.Module:
+    """A CPU copy of the quantized ``model`` in which every quantized piece is an exportable operator.
+
+    Raises ModelError naming the first piece that has no ONNX form (an unknown quantized layer or quantizer, an
+    AdaRound that was never hardened): nothing falls back to float silently.
+    """
+    deploy = copy.deepcopy(model).cpu().eval()
+    for name, module in list(deploy.named_modules()):
+        try:
+            if type(module) is QuantLinear:
+                _replace(deploy, name, DeployLinear(module))
+            elif type(module) is QuantConv2d:
+                _replace(deploy, name, DeployConv2d(module))
+            elif type(module) is QuantMatMul:
+                module.quantizer_a = deploy_quantizer(module.quantizer_a)
+                module.quantizer_b = deploy_quantizer(module.quantizer_b)
+        except ModelError as err:
+            raise ModelError(f"{name} cannot be exported to ONNX: {err}. Fix: {_UNSUPPORTED_FIX}") from None
+    leftover = [
+        (name, module)
+        for name, module in deploy.named_modules()
+        if isinstance(module, QuantWeightLayer | UniformQuantizer | LogSqrt2Quantizer)
+        and getattr(module, "enabled", True)
+    ]
+    if leftover:
+        name, module = leftover[0]
+        raise ModelError(
+            f"{type(module).__name__} at {name} has no ONNX export (it would run in float). Fix: {_UNSUPPORTED_FIX}"
+        )
+    return deploy
+
+
+_UNSUPPORTED_FIX = "export a model quantized by this runner's quantize_ (QuantLinear, QuantConv2d, QuantMatMul)"
+
+
+# -- export and check ------------------------------------------------------------------------------------------
+
+
+def expected_nodes(model: nn.Module) -> dict[str, int]:
+    """QuantizeLinear and weight DequantizeLinear nodes an export of the quantized ``model`` must hold."""
+    activations = sum(
+        1
+        for name, q in quantizers(model)
+        if type(q) is UniformQuantizer and q.enabled and not name.endswith("weight_quantizer")
+    )
+    weights = sum(1 for _, layer in quant_layers(model) if layer.weight_quantizer.enabled)
+    return {"QuantizeLinear": activations, "DequantizeLinear": activations + weights}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's progress lines (stdout) and its graph passes' INFO logs, silenced."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) -> dict[str, Any]:
+    """Writes ``model.onnx`` of the quantized ``model`` into ``run_dir`` (dynamic batch size).
+
+    Args:
+        model: the final quantized model (calibrated, reconstructed, AdaRound hardened); it is not modified.
+        run_dir: the run directory.
+        example: one preprocessed input image batch, ``[N, C, H, W]`` (its size fixes H and W).
+
+    Returns:
+        The manifest's ``onnx`` entry: file, opset, containers, node counts.
+
+    Raises:
+        ModelError: a quantized piece has no ONNX form, or the graph lacks a quantizer the model has.
+    """
+    require_deploy()
+    import onnx
+
+    deploy = deploy_model(model)
+    example = example[:2].detach().float().cpu()
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                deploy,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                custom_translation_table=_translations(),
+                verbose=False,
+            )
+    except Exception as err:  # the exporter's own errors name the operator it could not translate
+        raise ModelError(f"torch.onnx.export failed: {str(err).splitlines()[0]}. Fix: {_UNSUPPORTED_FIX}") from err
+    path = Path(run_dir) / ONNX_FILE
+    write_atomic(path, lambda tmp: onnx.save_model(program.model_proto, str(tmp)))
+    counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    for op_type, needed in expected_nodes(model).items():
+        if counts[op_type] != needed:
+            raise ModelError(
+                f"the exported graph has {counts[op_type]} {op_type} nodes where the model has {needed} quantized "
+                f"operands: some would run in float. Fix: {_UNSUPPORTED_FIX}"
+            )
+    log_sqrt2 = sum(1 for _, q in quantizers(model) if type(q) is LogSqrt2Quantizer and q.enabled)
+    return {
+        "file": ONNX_FILE,
+        "sha256": file_sha256(path),
+        "opset": OPSET,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "input_shape": ["batch", *example.shape[1:]],
+        "containers": {
+            "activations": "uint8 codes on the b-bit grid (Clip to the grid's range before QuantizeLinear when b < 8)",
+            "weights": "int8 codes c - 2**(b-1), per-output-channel DequantizeLinear; exactly the b-bit grid",
+        },
+        "softmax": (
+            f"log-sqrt(2) as an explicit float elementwise subgraph ({log_sqrt2} quantizers); attn @ v in float"
+            if log_sqrt2
+            else "uniform QuantizeLinear/DequantizeLinear"
+        ),
+        "float_ops": "LayerNorm, Softmax, GELU, residual adds",
+        "nodes": {op_type: counts[op_type] for op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")},
+        "size_mb": round(path.stat().st_size / 1e6, 6),
+    }
+
+
+# -- onnxruntime -------------------------------------------------------------------------------------------------
+
+
+def session(
+    path: str | Path, device: torch.device | str = "cpu", threads: int | None = None, optimized: Path | None = None
+) -> Any:
+    """An onnxruntime session of ``path`` (CUDA provider on a CUDA device when onnxruntime has it)."""
+    require_deploy()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only (saving an optimised graph warns that it is hardware-specific)
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def integer_kernels(path: str | Path, threads: int | None = None) -> dict[str, int]:
+    """Node counts of onnxruntime's optimised graph of ``path`` (CPU): integer kernels, leftover Q/DQ, float MatMuls."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        session(path, "cpu", threads, optimized)
+        counts = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    shown = (*INTEGER_KERNELS, "QuantizeLinear", "DequantizeLinear", "MatMul", "FusedMatMul", "Gemm", "Conv")
+    return {op_type: counts[op_type] for op_type in shown if counts[op_type]}
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX model evaluated by onnxruntime, called like a torch model: ``logits = model(images)``."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", threads: int | None = None) -> None:
+        super().__init__()
+        self.session = session(path, device, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.session.get_providers()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {self.input_name: images.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(images.device)
