@@ -5,7 +5,7 @@ ARGS ?=
 IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
 
-.PHONY: help setup run test test-all lint bench bench-recon bench-memory train-proxy train-proxy-swin clean \
+.PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx train-proxy train-proxy-swin clean \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
 
 help: ## list the targets
@@ -44,6 +44,9 @@ clean: ## remove the virtual environment and run outputs
 bench-recon: setup ## per-iteration reconstruction cost relative to an FP block step (deit_s, then the proxy; CPU)
 	$(PY) scripts/bench_recon.py
 	$(PY) scripts/bench_recon.py --model proxy_vit --iters 50
+
+bench-onnx: setup ## ONNX throughput, size, integer kernels: FP32 vs this runner's W8A8 vs onnxruntime quantize_static
+	$(PY) scripts/bench_onnx.py --accuracy
 
 bench-memory: setup ## peak memory of one deit_b and one swin_b reconstruction, caches accounted (CPU, long)
 	$(PY) scripts/bench_memory.py --model deit_base_patch16_224 --images 128

@@ -138,4 +138,10 @@ def print_summary(results: dict[str, Any]) -> None:
     if results.get("reconstruction"):
         console.print(convergence_table(results["reconstruction"]))
     console.print(summary_table(results))
+    if "agreement_with_simulation" in results:
+        kernels = ", ".join(f"{op} {n}" for op, n in results["onnx"]["kernels"].items())
+        console.print(
+            f"onnxruntime ({', '.join(results['onnx']['providers'])}): top-1 equal to the simulation's on "
+            f"{results['agreement_with_simulation']:.2%} of images; optimised graph: {kernels}"
+        )
     console.print(f"results: {results_path(results['run_dir'])}")

@@ -267,8 +267,22 @@ def expected_nodes(model: nn.Module) -> dict[str, int]:
     return {"QuantizeLinear": activations, "DequantizeLinear": activations + weights}
 
 
+def compact(proto: Any) -> Any:
+    """``proto`` without the exporter's per-node debugging metadata (stack traces, source paths), with every
+    initializer as raw bytes (int8 codes would otherwise take an int32 field each)."""
+    import onnx.numpy_helper
+
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for index, tensor in enumerate(proto.graph.initializer):
+        if not tensor.HasField("raw_data"):
+            raw = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name)
+            proto.graph.initializer[index].CopyFrom(raw)
+    return proto
+
+
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """The exporter's progress lines (stdout) and its graph passes' INFO logs, silenced."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [logger.level for logger in loggers]
@@ -302,7 +316,7 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
     deploy = deploy_model(model)
     example = example[:2].detach().float().cpu()
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(
                 deploy,
                 (example,),
@@ -316,8 +330,9 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
             )
     except Exception as err:  # the exporter's own errors name the operator it could not translate
         raise ModelError(f"torch.onnx.export failed: {str(err).splitlines()[0]}. Fix: {_UNSUPPORTED_FIX}") from err
+    proto = compact(program.model_proto)
     path = Path(run_dir) / ONNX_FILE
-    write_atomic(path, lambda tmp: onnx.save_model(program.model_proto, str(tmp)))
+    write_atomic(path, lambda tmp: onnx.save_model(proto, str(tmp)))
     counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     for op_type, needed in expected_nodes(model).items():
         if counts[op_type] != needed:
