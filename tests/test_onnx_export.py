@@ -100,6 +100,8 @@ def test_codes_are_the_b_bit_grid_in_int8_containers(exported) -> None:
         clipped = node.input[0] in producers and producers[node.input[0]].op_type == "Clip"
         assert clipped == (bits < 8), node.name
     assert exported["info"]["opset"] == 21
+    assert all(t.HasField("raw_data") for t in graph.initializer)  # int8 codes take a byte each in the file
+    assert not any(node.metadata_props for node in graph.node)  # no stack traces or source paths
 
 
 def test_integer_kernels_run(exported) -> None:

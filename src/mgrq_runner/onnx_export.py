@@ -42,6 +42,7 @@ ONNX_FILE = "model.onnx"
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 INTEGER_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
+_UNSUPPORTED_FIX = "export a model quantized by this runner's quantize_ (QuantLinear, QuantConv2d, QuantMatMul)"
 DEPLOY_HINT = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
 
 
@@ -248,9 +249,6 @@ def deploy_model(model: nn.Module) -> nn.Module:
             f"{type(module).__name__} at {name} has no ONNX export (it would run in float). Fix: {_UNSUPPORTED_FIX}"
         )
     return deploy
-
-
-_UNSUPPORTED_FIX = "export a model quantized by this runner's quantize_ (QuantLinear, QuantConv2d, QuantMatMul)"
 
 
 # -- export and check ------------------------------------------------------------------------------------------
