@@ -34,7 +34,7 @@ from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.export import file_sha256, weight_codes, weight_grid
 from mgrq_runner.files import write_atomic
 from mgrq_runner.quant import primitives
-from mgrq_runner.quant.api import quant_layers, quantizers
+from mgrq_runner.quant.api import activation_quantizers, quant_layers, quantizers, replace_module
 from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
@@ -213,11 +213,6 @@ def deploy_quantizer(quantizer: nn.Module) -> nn.Module:
     raise ModelError(f"{type(quantizer).__name__} has no ONNX export")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 @torch.no_grad()
 def deploy_model(model: nn.Module) -> nn.Module:
     """A CPU copy of the quantized ``model`` in which every quantized piece is an exportable operator.
@@ -229,9 +224,9 @@ def deploy_model(model: nn.Module) -> nn.Module:
     for name, module in list(deploy.named_modules()):
         try:
             if type(module) is QuantLinear:
-                _replace(deploy, name, DeployLinear(module))
+                replace_module(deploy, name, DeployLinear(module))
             elif type(module) is QuantConv2d:
-                _replace(deploy, name, DeployConv2d(module))
+                replace_module(deploy, name, DeployConv2d(module))
             elif type(module) is QuantMatMul:
                 module.quantizer_a = deploy_quantizer(module.quantizer_a)
                 module.quantizer_b = deploy_quantizer(module.quantizer_b)
@@ -256,11 +251,7 @@ def deploy_model(model: nn.Module) -> nn.Module:
 
 def expected_nodes(model: nn.Module) -> dict[str, int]:
     """QuantizeLinear and weight DequantizeLinear nodes an export of the quantized ``model`` must hold."""
-    activations = sum(
-        1
-        for name, q in quantizers(model)
-        if type(q) is UniformQuantizer and q.enabled and not name.endswith("weight_quantizer")
-    )
+    activations = sum(1 for _, q in activation_quantizers(model) if type(q) is UniformQuantizer and q.enabled)
     weights = sum(1 for _, layer in quant_layers(model) if layer.weight_quantizer.enabled)
     return {"QuantizeLinear": activations, "DequantizeLinear": activations + weights}
 
@@ -331,7 +322,7 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
     proto = compact(program.model_proto)
     path = Path(run_dir) / ONNX_FILE
     write_atomic(path, lambda tmp: onnx.save_model(proto, str(tmp)))
-    counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    counts = Counter(node.op_type for node in proto.graph.node)
     for op_type, needed in expected_nodes(model).items():
         if counts[op_type] != needed:
             raise ModelError(

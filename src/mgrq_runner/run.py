@@ -456,7 +456,9 @@ def export_stage(
     if cfg.export == "onnx":
         info["onnx"] = export_onnx(model, run_dir, images[:2])
     exported = export_quantized(model, run_dir, info)
-    results_file.update(export={**exported, **({"onnx": info["onnx"]} if "onnx" in info else {})})
+    if "onnx" in info:
+        exported["onnx"] = info["onnx"]
+    results_file.update(export=exported)
 
 
 def export_info(cfg: DictConfig, quant_config: QuantConfig, num_calib: int) -> dict[str, Any]:

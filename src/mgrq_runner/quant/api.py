@@ -53,7 +53,8 @@ class QuantConfig:
             )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` in place of ``model``'s submodule ``name``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -64,14 +65,15 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     Returns:
         ``model`` itself, for chaining.
     """
+    bits = config.w_bits, config.a_bits
     for name, module in list(model.named_modules()):
         if isinstance(module, Attention):
-            _replace(model, name, QuantViTAttention(module, config.w_bits, config.a_bits, config.softmax_quantizer))
+            replace_module(model, name, QuantViTAttention(module, *bits, config.softmax_quantizer))
         elif isinstance(module, WindowAttention):
-            _replace(model, name, QuantWindowAttention(module, config.w_bits, config.a_bits, config.softmax_quantizer))
+            replace_module(model, name, QuantWindowAttention(module, *bits, config.softmax_quantizer))
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
-            _replace(model, name, QuantLinear(module, config.w_bits, config.a_bits))
+            replace_module(model, name, QuantLinear(module, *bits))
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not isinstance(getattr(patch_embed, "proj", None), nn.Conv2d):
         raise ModelError(
