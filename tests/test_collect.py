@@ -264,3 +264,37 @@ def test_convergence_is_counted_and_the_missing_units_named(tmp_path: Path) -> N
     write_summary(records, tmp_path / "out")
     rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
     assert sorted(row["unconverged_units"] for row in rows) == ["", "blocks.1 head", "none"]
+
+
+def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) -> None:
+    """runs.csv gives back the same tables, loss weights, bits and convergence as the run directories it came
+    from, and an earlier table extended with new runs counts both."""
+    path = write_run(runs, "proxy_vit", "qdrop", 3, 0, 87.5) / "results.json"
+    results = json.loads(path.read_text())
+    units = [{"unit": "blocks.0", "block_soft": 1.0, "block_hard": 1.5, "undecided": 0.0}]
+    path.write_text(json.dumps({**results, "reconstruction": units}))
+    records = load_runs([runs])
+    write_summary(records, tmp_path / "first")
+    again = load_runs([tmp_path / "first" / "runs.csv"])
+    text, text_again = summary_markdown(records), summary_markdown(again)
+    assert parse_markdown(text_again) == parse_markdown(text)
+    assert sorted(text_again.splitlines()) == sorted(text.splitlines())  # the failed runs listed in another order
+    by_label = {(r.method, r.setting, r.model, r.seed): r for r in again}
+    ablation = by_label[("mgrq (λG=0, λL=1)", "W4A4", "proxy_vit", 0)]
+    assert (ablation.method_name, ablation.global_weight, ablation.local_weight) == ("mgrq", 0.0, 1.0)
+    assert (ablation.w_bits, ablation.a_bits, ablation.unconverged) == (4, 4, None)
+    assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].unconverged == ["blocks.0"]
+
+    new = tmp_path / "new"
+    write_run(new, "proxy_vit", "repq", 4, 1, 89.40)
+    extended = parse_markdown(summary_markdown(load_runs([tmp_path / "first" / "runs.csv", new])))
+    assert extended["W4A4"]["repq"]["proxy_vit"] == "89.33 ± 0.10"  # 89.26 from the csv, 89.40 from the new run
+
+    other = tmp_path / "other" / "runs.csv"
+    other.parent.mkdir()
+    other.write_text("model,top1\nproxy_vit,90\n")
+    with pytest.raises(ValueError, match="not a runs.csv written by mgrq-collect"):
+        load_runs([other])
+    cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(other)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a runs.csv" in proc.stderr

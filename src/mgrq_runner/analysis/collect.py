@@ -2,6 +2,7 @@
 
     mgrq-collect outputs/proxy_table                       # writes outputs/proxy_table/summary.*
     mgrq-collect outputs/a outputs/b --out reports --plots
+    mgrq-collect docs/proxy/swin/runs.csv outputs/new_runs --out docs/proxy/swin   # an earlier table, extended
 
 Writes <OUT>/summary.md, summary.csv (the tables) and runs.csv (one line per run) and prints the Markdown; OUT
 defaults to the first DIR. With --plots also top1_vs_bits.png, loss_grid.png (when mgrq runs with several loss
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from mgrq_runner.analysis.runs import RunRow, find_runs, load_run
+from mgrq_runner.analysis.runs import RunRow, load_runs
 from mgrq_runner.analysis.tables import write_summary
 from mgrq_runner.rundir import RECON_CURVES, results_path
 
@@ -52,20 +53,21 @@ def make_plots(records: list[RunRow], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories or folders of them")
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, metavar="DIR", help="run directories or folders of them, or a runs.csv"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write the summary (default: the first DIR)")
     parser.add_argument("--plots", action="store_true", help="also write PNG plots (needs matplotlib)")
     args = parser.parse_args(argv)
 
     try:
-        paths = find_runs(args.dirs)
-    except FileNotFoundError as err:
+        records = load_runs(args.dirs)
+    except (FileNotFoundError, ValueError) as err:
         note(f"collect: error: {err}")
         return 2
-    if not paths:
+    if not records:
         note(f"collect: error: no results.json found under {' '.join(map(str, args.dirs))}")
         return 2
-    records = [load_run(path) for path in paths]
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
     command = "mgrq-collect " + " ".join(sys.argv[1:] if argv is None else argv)
     written = write_summary(records, out, header=f"Collected with `{command}` from {len(records)} runs.\n")

@@ -1,8 +1,14 @@
-"""Reading runs back: every ``results.json`` under some directories, one ``RunRow`` per run."""
+"""Reading runs back: every ``results.json`` under some directories, one ``RunRow`` per run.
+
+A collection's ``runs.csv`` (one run a line, written by ``write_runs_csv``) is read back too, so that a table in
+``docs/`` can be extended with new runs after the old run directories are gone.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +19,11 @@ from mgrq_runner.rundir import RESULTS, Results
 
 FP_LABEL = "FP"
 UNKNOWN = "?"
+RUNS_CSV = "runs.csv"
+RUNS_CSV_COLUMNS = (
+    "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
+    "unconverged_units", "error",
+)  # fmt: skip
 DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
 
 
@@ -49,7 +60,8 @@ class RunRow:
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every ``results.json`` under ``paths`` (directories searched recursively, or run dirs / files), sorted."""
+    """Every ``results.json`` under ``paths`` (directories searched recursively, or run dirs / files), sorted; a
+    file given by name (a ``runs.csv`` too) is taken as it is."""
     found: dict[Path, Path] = {}
     for path in map(Path, paths):
         if path.is_file():
@@ -172,5 +184,61 @@ def load_run(path: str | Path) -> RunRow:
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[RunRow]:
-    """``load_run`` of every ``results.json`` found under ``paths``, except dry runs (status ``projected``)."""
-    return [row for row in map(load_run, find_runs(paths)) if row.status != "projected"]
+    """Every run found under ``paths`` (``results.json`` files, and ``runs.csv`` files given by name), except dry
+    runs (status ``projected``)."""
+    rows = []
+    for path in find_runs(paths):
+        rows.extend(read_runs_csv(path) if path.name == RUNS_CSV else [load_run(path)])
+    return [row for row in rows if row.status != "projected"]
+
+
+def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
+    """One run a line. ``unconverged_units`` is empty for a run without reconstruction, "none" when every unit
+    converged."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(RUNS_CSV_COLUMNS)
+        for r in records:
+            row = {**vars(r), "seconds": round(r.seconds, 3)}
+            row["unconverged_units"] = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
+            writer.writerow("" if row[c] is None else row[c] for c in RUNS_CSV_COLUMNS)
+
+
+MGRQ_LABEL = re.compile(r"mgrq \(λG=(?P<g>[^,]+), λL=(?P<l>[^)]+)\)")
+SETTING_LABEL = re.compile(r"W(?P<w>\d+)A(?P<a>\d+)")
+
+
+def read_runs_csv(path: Path) -> list[RunRow]:
+    """The runs of a collection's ``runs.csv``; the loss weights and bits come back from the labels."""
+    with path.open(newline="") as f:
+        lines = list(csv.DictReader(f))
+    if lines and not set(RUNS_CSV_COLUMNS) <= set(lines[0]):
+        missing = sorted(set(RUNS_CSV_COLUMNS) - set(lines[0]))
+        raise ValueError(f"{path} is not a runs.csv written by mgrq-collect: no column {', '.join(missing)}")
+    rows = []
+    for line in lines:
+        weights = MGRQ_LABEL.fullmatch(line["method"])
+        bits = SETTING_LABEL.match(line["setting"])
+        unconverged = line["unconverged_units"]
+        rows.append(
+            RunRow(
+                model=line["model"],
+                method=line["method"],
+                method_name="mgrq" if weights else line["method"],
+                setting=line["setting"],
+                seed=int(line["seed"]) if line["seed"] else None,
+                status=line["status"],
+                top1=_float(line["top1"] or None),
+                top5=_float(line["top5"] or None),
+                fp_top1=_float(line["fp_top1"] or None),
+                seconds=float(line["seconds"] or 0.0),
+                run_dir=line["run_dir"],
+                global_weight=float(weights["g"]) if weights else None,
+                local_weight=float(weights["l"]) if weights else None,
+                w_bits=int(bits["w"]) if bits else None,
+                a_bits=int(bits["a"]) if bits else None,
+                error=line["error"] or None,
+                unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
+            )
+        )
+    return rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mgrq_runner.analysis.published import PUBLISHED
-from mgrq_runner.analysis.runs import FP_LABEL, UNKNOWN, RunRow
+from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write_runs_csv
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
@@ -198,7 +198,7 @@ def write_summary(records: Sequence[RunRow], out_dir: str | Path, header: str = 
     """Writes ``summary.md``, ``summary.csv`` (the tables, one block per setting) and ``runs.csv`` (one run a line)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "summary.md", out / "summary.csv", out / "runs.csv"]
+    paths = [out / "summary.md", out / "summary.csv", out / RUNS_CSV]
     paths[0].write_text(header + ("\n" if header else "") + summary_markdown(records))
 
     with paths[1].open("w", newline="") as f:
@@ -209,12 +209,5 @@ def write_summary(records: Sequence[RunRow], out_dir: str | Path, header: str = 
             writer.writerow(["setting", *table.header])
             writer.writerows([table.setting, label, *cells, seconds] for label, cells, seconds in table.rows)
 
-    columns = ["setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir"]
-    with paths[2].open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*columns, "unconverged_units", "error"])
-        for r in sorted(records, key=_run_key):
-            row = {**vars(r), "seconds": round(r.seconds, 3)}
-            unconverged = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
-            writer.writerow([("" if row[c] is None else row[c]) for c in columns] + [unconverged, r.error or ""])
+    write_runs_csv(sorted(records, key=_run_key), paths[2])
     return paths
