@@ -65,6 +65,14 @@ def test_proxy_experiments() -> None:
     swin = [job_summary("proxy_swin_table", job) for job in expand("proxy_swin_table")]
     assert len(swin) == 48 and len(set(swin)) == 48 and {job[0] for job in swin} == {"proxy_swin"}
     assert {(job[2], job[3]) for job in swin} == {(4, 4), (3, 3)}
+    # The Swin table's AdaRound lr is chosen per setting (3e-2 at W4A4, 1e-1 at W3A3); the command line still wins.
+    swin_lr = {
+        q: _compose("experiment=proxy_swin_table", f"quant={q}", "method=qdrop").method.recon.weight_lr
+        for q in ("w4a4", "w3a3")
+    }
+    assert swin_lr == {"w4a4": 3e-2, "w3a3": 1e-1}
+    overridden = _compose("experiment=proxy_swin_table", "quant=w3a3", "method=mgrq", "model.recon_weight_lr=0.05")
+    assert overridden.method.recon.weight_lr == 0.05
     for experiment in ("proxy_table", "proxy_swin_table"):  # a table keeps the thread count fixed
         assert _compose(f"experiment={experiment}").threads == 1
     grid = [job_summary("proxy_loss_grid", job) for job in expand("proxy_loss_grid")]
