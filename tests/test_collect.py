@@ -272,7 +272,8 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     path = write_run(runs, "proxy_vit", "qdrop", 3, 0, 87.5) / "results.json"
     results = json.loads(path.read_text())
     units = [{"unit": "blocks.0", "block_soft": 1.0, "block_hard": 1.5, "undecided": 0.0}]
-    path.write_text(json.dumps({**results, "reconstruction": units}))
+    versions = {"torch": "2.14.1", "timm": "1.0.31"}
+    path.write_text(json.dumps({**results, "reconstruction": units, "versions": versions, "git_sha": "abc123"}))
     records = load_runs([runs])
     write_summary(records, tmp_path / "first")
     again = load_runs([tmp_path / "first" / "runs.csv"])
@@ -284,6 +285,13 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     assert (ablation.method_name, ablation.global_weight, ablation.local_weight) == ("mgrq", 0.0, 1.0)
     assert (ablation.w_bits, ablation.a_bits, ablation.unconverged) == (4, 4, None)
     assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].unconverged == ["blocks.0"]
+    assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].provenance == "torch 2.14.1, timm 1.0.31 @ abc123"
+
+    older = tmp_path / "older" / "runs.csv"  # written before the provenance column
+    older.parent.mkdir()
+    with (tmp_path / "first" / "runs.csv").open(newline="") as f, older.open("w", newline="") as g:
+        csv.writer(g).writerows(row[:-1] for row in csv.reader(f))
+    assert parse_markdown(summary_markdown(load_runs([older]))) == parse_markdown(text)
 
     new = tmp_path / "new"
     write_run(new, "proxy_vit", "repq", 4, 1, 89.40)

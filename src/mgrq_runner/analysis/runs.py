@@ -24,6 +24,7 @@ RUNS_CSV_COLUMNS = (
     "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
     "unconverged_units", "error",
 )  # fmt: skip
+PROVENANCE_COLUMN = "provenance"  # versions and git sha; absent from the runs.csv files of before 2026-12-02
 DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
 
 
@@ -197,11 +198,12 @@ def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
     converged."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(RUNS_CSV_COLUMNS)
+        columns = (*RUNS_CSV_COLUMNS, PROVENANCE_COLUMN)
+        writer.writerow(columns)
         for r in records:
             row = {**vars(r), "seconds": round(r.seconds, 3)}
             row["unconverged_units"] = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
-            writer.writerow("" if row[c] is None else row[c] for c in RUNS_CSV_COLUMNS)
+            writer.writerow("" if row[c] is None else row[c] for c in columns)
 
 
 MGRQ_LABEL = re.compile(r"mgrq \(λG=(?P<g>[^,]+), λL=(?P<l>[^)]+)\)")
@@ -238,6 +240,7 @@ def read_runs_csv(path: Path) -> list[RunRow]:
                 w_bits=int(bits["w"]) if bits else None,
                 a_bits=int(bits["a"]) if bits else None,
                 error=line["error"] or None,
+                provenance=line.get(PROVENANCE_COLUMN) or None,
                 unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
             )
         )
