@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mgrq_runner.analysis.plots import plot_loss_grid, plot_recon_curves
-from mgrq_runner.analysis.runs import find_runs, load_run, load_runs, method_label
+from mgrq_runner.analysis.runs import RUNS_CSV_COLUMNS, find_runs, load_run, load_runs, method_label
 from mgrq_runner.analysis.tables import summary_markdown, write_summary
 
 MODELS = {"deit_s": "deit_small_patch16_224.fb_in1k", "proxy_vit": "proxy_vit"}
@@ -287,11 +287,15 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].unconverged == ["blocks.0"]
     assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].provenance == "torch 2.14.1, timm 1.0.31 @ abc123"
 
-    older = tmp_path / "older" / "runs.csv"  # written before the provenance column
+    older = tmp_path / "older" / "runs_2026-11-28.csv"  # any name; written before the extra columns
     older.parent.mkdir()
     with (tmp_path / "first" / "runs.csv").open(newline="") as f, older.open("w", newline="") as g:
-        csv.writer(g).writerows(row[:-1] for row in csv.reader(f))
-    assert parse_markdown(summary_markdown(load_runs([older]))) == parse_markdown(text)
+        csv.writer(g).writerows(row[: len(RUNS_CSV_COLUMNS)] for row in csv.reader(f))
+    from_older = load_runs([older])
+    assert parse_markdown(summary_markdown(from_older)) == parse_markdown(text)
+    weights = {(r.method, r.setting): (r.global_weight, r.local_weight) for r in from_older if r.seed == 0}
+    assert weights[("mgrq", "W4A4")] == (1.0, 1.0) and weights[("mgrq (λG=1, λL=0)", "W4A4")] == (1.0, 0.0)
+    assert weights[("qdrop", "W3A3")] == (0.0, 0.0)  # the loss-weight grid's (0, 0) corner (method.md section 6)
 
     new = tmp_path / "new"
     write_run(new, "proxy_vit", "repq", 4, 1, 89.40)

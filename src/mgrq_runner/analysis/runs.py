@@ -24,7 +24,10 @@ RUNS_CSV_COLUMNS = (
     "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
     "unconverged_units", "error",
 )  # fmt: skip
-PROVENANCE_COLUMN = "provenance"  # versions and git sha; absent from the runs.csv files of before 2026-12-02
+# Written since 2026-12-02; read when present (older files: inferred from the labels, ``_loss_weights``).
+EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance")
+# The loss weights of the methods whose label does not carry them (method.md section 6).
+LABEL_LOSS_WEIGHTS = {"mgrq": (1.0, 1.0), "qdrop": (0.0, 0.0), "brecq": (0.0, 0.0)}
 DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
 
 
@@ -185,11 +188,11 @@ def load_run(path: str | Path) -> RunRow:
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[RunRow]:
-    """Every run found under ``paths`` (``results.json`` files, and ``runs.csv`` files given by name), except dry
-    runs (status ``projected``)."""
+    """Every run found under ``paths`` (``results.json`` files, and the runs.csv files of earlier collections, any
+    ``.csv`` given by name), except dry runs (status ``projected``)."""
     rows = []
     for path in find_runs(paths):
-        rows.extend(read_runs_csv(path) if path.name == RUNS_CSV else [load_run(path)])
+        rows.extend(read_runs_csv(path) if path.suffix == ".csv" else [load_run(path)])
     return [row for row in rows if row.status != "projected"]
 
 
@@ -198,7 +201,7 @@ def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
     converged."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        columns = (*RUNS_CSV_COLUMNS, PROVENANCE_COLUMN)
+        columns = (*RUNS_CSV_COLUMNS, *EXTRA_COLUMNS)
         writer.writerow(columns)
         for r in records:
             row = {**vars(r), "seconds": round(r.seconds, 3)}
@@ -220,6 +223,7 @@ def read_runs_csv(path: Path) -> list[RunRow]:
     rows = []
     for line in lines:
         weights = MGRQ_LABEL.fullmatch(line["method"])
+        global_weight, local_weight = _loss_weights(line, weights)
         bits = SETTING_LABEL.match(line["setting"])
         unconverged = line["unconverged_units"]
         rows.append(
@@ -235,13 +239,22 @@ def read_runs_csv(path: Path) -> list[RunRow]:
                 fp_top1=_float(line["fp_top1"] or None),
                 seconds=float(line["seconds"] or 0.0),
                 run_dir=line["run_dir"],
-                global_weight=float(weights["g"]) if weights else None,
-                local_weight=float(weights["l"]) if weights else None,
+                global_weight=global_weight,
+                local_weight=local_weight,
                 w_bits=int(bits["w"]) if bits else None,
                 a_bits=int(bits["a"]) if bits else None,
                 error=line["error"] or None,
-                provenance=line.get(PROVENANCE_COLUMN) or None,
+                provenance=line.get("provenance") or None,
                 unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
             )
         )
     return rows
+
+
+def _loss_weights(line: dict[str, str], label: re.Match[str] | None) -> tuple[float | None, float | None]:
+    """A runs.csv line's loss weights: its columns, else its mgrq label's, else its method's (or None)."""
+    if line.get("global_weight") or line.get("local_weight"):
+        return _float(line.get("global_weight") or None), _float(line.get("local_weight") or None)
+    if label is not None:
+        return float(label["g"]), float(label["l"])
+    return LABEL_LOSS_WEIGHTS.get(line["method"], (None, None))
