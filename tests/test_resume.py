@@ -107,6 +107,26 @@ def test_resume_with_another_config_is_refused(tmp_path) -> None:
         run(small_cfg(tmp_path, "resume=true", "seed=1"))
 
 
+def test_a_calibration_list_counts_by_its_contents(tmp_path) -> None:
+    """The same calib.list moved elsewhere resumes; the list edited in place is refused."""
+    listed = tmp_path / "calib.txt"
+    listed.write_text("".join(f"train[{i}]\n" for i in range(32)))
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(small_cfg(run_dir, f"calib.list={listed}"), stop_at("blocks.0", 0))
+    recorded = json.loads((run_dir / "results.json").read_text())["config"]["calib"]["list_sha256"]
+    assert len(recorded) == 64
+
+    listed.write_text("".join(f"train[{i}]\n" for i in range(1, 33)))  # one image swapped
+    with pytest.raises(ConfigError, match=rf"different config \(calib.list_sha256: '{recorded}' -> '[0-9a-f]{{64}}'\)"):
+        run(small_cfg(run_dir, f"calib.list={listed}", "resume=true"))
+
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_text("".join(f"train[{i}]\n" for i in range(32)) + "\n")  # the same images (a blank line more)
+    results, _ = run(small_cfg(run_dir, f"calib.list={moved}", "resume=true"))
+    assert results["status"] == "done" and results["resumed_units"] == ["embed"]
+
+
 def test_diverging_unit_keeps_the_finished_units(tmp_path, monkeypatch) -> None:
     loss_terms = UnitOptimizer.loss_terms
 

@@ -5,6 +5,7 @@ The reconstruction's own saved state is ``recon.state.ReconState``; this module 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's model depends on, as ``{dotted key: value}`` of its resolved config (a plain dict)."""
+    """What a run's model depends on, as ``{dotted key: value}`` of its resolved config (a plain dict).
+
+    A ``calib.list`` counts by its contents (``calib.list_sha256``, which ``run`` records in the config), not its
+    path: the same list moved elsewhere resumes; a list edited in place does not.
+    """
     data = {k: v for k, v in config["data"].items() if k not in EVAL_ONLY_DATA_KEYS}
     num_calib = config["calib"]["num_images"]
     return {
@@ -35,7 +40,13 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
         "seed": config["seed"],
         "num_calib": num_calib if num_calib is not None else config["method"].get("calib_images"),
         "calib.batch_size": config["calib"]["batch_size"],
+        "calib.list_sha256": config["calib"].get("list_sha256"),
     }
+
+
+def list_sha256(entries: list[str]) -> str:
+    """The checksum of a ``calib.list``'s entries, in order (blank lines and line endings do not count)."""
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def resume_target(resume: Any, output_dir: str) -> tuple[Path, bool]:

@@ -49,7 +49,7 @@ from mgrq_runner.recon import (
 )
 from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.results import ResultsFile, common_fields, git_revision, library_versions
-from mgrq_runner.resume import fingerprint, previous_results, resume_target
+from mgrq_runner.resume import fingerprint, list_sha256, previous_results, resume_target
 from mgrq_runner.rundir import CALIBRATION_LIST, CLASS_LIST, RECON_CURVES, RECON_STATE, locked, results_path
 from mgrq_runner.validate import check_values
 
@@ -186,6 +186,8 @@ def _run_job(
     job = settings(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
+    if job.calib_list is not None:  # the list's contents, for the record and for resume's check
+        config["calib"]["list_sha256"] = list_sha256(job.calib_list)
     previous = previous_results(run_dir) if resuming else None
     if previous is not None:
         check_same_config(fingerprint(previous["config"]), fingerprint(config), results_path(run_dir))
