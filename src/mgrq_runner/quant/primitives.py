@@ -96,11 +96,13 @@ def log_sqrt2_fake_quantize(x: torch.Tensor, delta: torch.Tensor, bits: int, ext
 
 
 def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """``fake_quantize`` without autograd, in four in-place passes (evaluation speed).
+    """``fake_quantize`` without autograd, in five in-place passes (evaluation speed).
 
     ``round(x / s) + z`` clamped to ``[0, qmax]`` equals ``round(x / s)`` clamped to ``[-z, qmax - z]``, plus ``z``.
     """
-    return torch.div(x, scale).round_().clamp_(-zero_point, qmax(bits) - zero_point).mul_(scale)
+    # Two one-sided clamps: on the CPU ``clamp_`` with tensor bounds takes a slow path, 10-20x slower than
+    # ``clamp_min_`` then ``clamp_max_`` (the same values: ``clamp(x, lo, hi) = min(max(x, lo), hi)``).
+    return torch.div(x, scale).round_().clamp_min_(-zero_point).clamp_max_(qmax(bits) - zero_point).mul_(scale)
 
 
 def random_mask(like: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -136,7 +138,7 @@ class _TrainFakeQuantize(torch.autograd.Function):
         x, scale, zero_point, quantized = ctx.saved_tensors
         scaled = x / scale
         rounded = scaled.round()
-        clipped = torch.clamp(rounded, -zero_point, qmax(ctx.bits) - zero_point)
+        clipped = rounded.clamp_min(-zero_point).clamp_max_(qmax(ctx.bits) - zero_point)  # see above: not clamp
         clipped_off = rounded.ne_(clipped)  # 1.0 where the code was clipped (float masks: bool ones are slow)
         if quantized is not None:
             clipped_off.mul_(quantized)  # dropped elements pass x through unchanged
