@@ -27,7 +27,7 @@ from tests.recon.test_families import FAMILIES
 # last bits, which now and then moves a value across a rounding boundary: one activation code off by one. Most
 # images' logits still agree to EXACT (a share of the largest logit), every image's to FLIPPED, every top-1.
 # How many images see a flip depends on onnxruntime's version and the CPU's kernels: with onnxruntime 1.32 on an
-# AVX-512 VNNI CPU, 8 of these 12 images are exact at W8A8 (77 % of 96 fresh ones; 98 % at W4A4, fewer and coarser
+# AVX-512 VNNI CPU, 8 of these 12 images are exact at W8A8 (77 % of 96 fresh ones; 98 % at W4A4: coarser
 # grids), so EXACT_SHARE asks for half: a wrong scale, zero point or layout puts every image far off.
 EXACT, FLIPPED, EXACT_SHARE = 1e-4, 0.02, 0.5
 BITS = {"w8a8": (8, 8), "w4a4": (4, 4)}

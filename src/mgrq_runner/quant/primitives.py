@@ -100,7 +100,7 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 
     ``round(x / s) + z`` clamped to ``[0, qmax]`` equals ``round(x / s)`` clamped to ``[-z, qmax - z]``, plus ``z``.
     """
-    # Two one-sided clamps: on the CPU ``clamp_`` with tensor bounds takes a slow path, 10-20x slower than
+    # Two one-sided clamps: on the CPU ``clamp_`` with tensor bounds takes a slow path, about 10x slower than
     # ``clamp_min_`` then ``clamp_max_`` (the same values: ``clamp(x, lo, hi) = min(max(x, lo), hi)``).
     return torch.div(x, scale).round_().clamp_min_(-zero_point).clamp_max_(qmax(bits) - zero_point).mul_(scale)
 
