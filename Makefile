@@ -50,7 +50,7 @@ bench-onnx: setup ## ONNX throughput, size, integer kernels: FP32 vs this runner
 
 bench-memory: setup ## peak memory of one deit_b and one swin_b reconstruction, caches accounted (CPU, long)
 	$(PY) scripts/bench_memory.py --model deit_base_patch16_224 --images 128
-	$(PY) scripts/bench_memory.py --model swin_base_patch4_window7_224 --images 128
+	$(PY) scripts/bench_memory.py --model swin_base_patch4_window7_224 --images 32   # 128: about an hour on one core
 
 # An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
 define experiment

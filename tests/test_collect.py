@@ -28,13 +28,18 @@ def write_run(
     seed: int,
     top1: float | None,
     loss: tuple[float, float] | None = None,
+    quant_prob: float | None = None,
 ) -> Path:
     """A run directory with a results.json shaped like mgrq-run's (top1 None: a failed run)."""
-    run_dir = root / f"w{bits}a{bits}" / f"{method}{'' if loss is None else f'_g{loss[0]}_l{loss[1]}'}_{preset}_s{seed}"
+    name = method + ("" if loss is None else f"_g{loss[0]}_l{loss[1]}")
+    name += "" if quant_prob is None else f"_p{quant_prob}"
+    run_dir = root / f"w{bits}a{bits}" / f"{name}_{preset}_s{seed}"
     run_dir.mkdir(parents=True)
     method_cfg: dict[str, Any] = {"name": method}
     if loss is not None:
         method_cfg["loss"] = {"global_weight": loss[0], "local_weight": loss[1]}
+    if quant_prob is not None:
+        method_cfg["recon"] = {"quant_prob": quant_prob}
     results: dict[str, Any] = {
         "model": MODELS[preset],
         "preset": preset,
@@ -101,6 +106,10 @@ def test_method_label_and_find_runs(runs: Path) -> None:
     assert method_label("mgrq", 0.1, 10.0) == "mgrq (λG=0.1, λL=10)"
     assert method_label("mgrq", 0.0, 1.0) == "mgrq (λG=0, λL=1)"
     assert method_label("qdrop", 0.0, 0.0) == "qdrop"
+    assert method_label("mgrq", 1.0, 1.0, 0.5) == "mgrq" and method_label("brecq", 0.0, 0.0, 1.0) == "brecq"
+    assert method_label("mgrq", 1.0, 1.0, 1.0) == "mgrq (p=1)"  # mgrq on BRECQ's base: not the mgrq row
+    assert method_label("mgrq", 1.0, 0.0, 1.0) == "mgrq (λG=1, λL=0, p=1)"
+    assert method_label("qdrop", 0.0, 0.0, 0.75) == "qdrop (p=0.75)"
     found = find_runs([runs])
     assert len(found) == 12 and found == sorted(found, key=str)
     one = next(p for p in found if "repq_deit_s_s1" in str(p))
@@ -310,3 +319,59 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(other)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a runs.csv" in proc.stderr
+
+
+def test_a_qdrop_probability_off_the_preset_is_its_own_row(tmp_path: Path) -> None:
+    """mgrq on BRECQ's base (method.recon.quant_prob=1) is not averaged into the mgrq cell, keeps its label through
+    runs.csv, and stays out of the loss-weight grid (another reconstruction than the grid's mgrq and qdrop)."""
+    root = tmp_path / "runs"
+    write_run(root, "proxy_vit", "mgrq", 3, 0, 85.50, loss=(1.0, 1.0), quant_prob=0.5)
+    write_run(root, "proxy_vit", "mgrq", 3, 0, 86.20, loss=(1.0, 1.0), quant_prob=1.0)
+    write_run(root, "proxy_vit", "mgrq", 3, 0, 86.00, loss=(1.0, 0.0), quant_prob=1.0)
+    write_run(root, "proxy_vit", "qdrop", 3, 0, 85.00, loss=(0.0, 0.0), quant_prob=0.5)
+    records = load_runs([root])
+    w3 = parse_markdown(summary_markdown(records))["W3A3"]
+    assert {label: row["proxy_vit"] for label, row in w3.items()} == {
+        "qdrop": "85.00",
+        "mgrq": "85.50",
+        "mgrq (p=1)": "86.20",
+        "mgrq (λG=1, λL=0, p=1)": "86.00",
+    }
+    write_summary(records, tmp_path / "out")
+    again = {r.method: r for r in load_runs([tmp_path / "out" / "runs.csv"])}
+    assert (again["mgrq (p=1)"].method_name, again["mgrq (p=1)"].quant_prob) == ("mgrq", 1.0)
+    assert (again["mgrq (λG=1, λL=0, p=1)"].global_weight, again["mgrq (λG=1, λL=0, p=1)"].local_weight) == (1.0, 0.0)
+    assert again["mgrq"].quant_prob == 0.5 and again["qdrop"].quant_prob == 0.5
+    pytest.importorskip("matplotlib")
+    plot_loss_grid(records, tmp_path / "grid.png")  # (1, 1) and (0, 0): a grid
+    with pytest.raises(ValueError, match="no loss-weight grid"):
+        plot_loss_grid([r for r in records if r.method != "mgrq"], tmp_path / "none.png")  # p=1 runs: not a grid
+
+
+def test_wall_times_from_a_separate_timing_pass(tmp_path: Path) -> None:
+    """--timing: s/run comes from the timing runs (not the table's), they are kept in timing.csv, and the summary
+    counts those that repeat a table run with the same top-1."""
+    table, quiet = tmp_path / "table", tmp_path / "quiet"
+    for seed, top1 in enumerate([89.20, 89.40, 89.30]):
+        write_run(table, "proxy_vit", "repq", 4, seed, top1)  # times 10 + 2 seed + 2: 12, 14, 16 s
+    write_run(table, "proxy_vit", "qdrop", 4, 0, 90.10)
+    repeat = write_run(quiet, "proxy_vit", "repq", 4, 0, 89.20)
+    results = json.loads((repeat / "results.json").read_text())
+    (repeat / "results.json").write_text(json.dumps({**results, "times": {"calibrate": 3.0, "evaluate": 1.5}}))
+    write_run(quiet, "proxy_vit", "qdrop", 4, 0, 90.15)  # not bit-identical: a different top-1
+    plain = parse_markdown(summary_markdown(load_runs([table])))["W4A4"]
+    assert plain["repq"]["s/run"] == "14.0"
+    text = summary_markdown(load_runs([table]), timing=load_runs([quiet]))
+    timed = parse_markdown(text)["W4A4"]
+    assert (timed["repq"]["s/run"], timed["qdrop"]["s/run"]) == ("4.5", "12.0")
+    assert timed["repq"]["proxy_vit"] == "89.30 ± 0.10"  # the cells stay the table's
+    assert "2 timing runs repeat a table run" in text and "1 give the same top-1" in text
+    assert "largest difference is 0.05" in text
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(table), "--timing", str(quiet), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(csv.DictReader((out / "timing.csv").open()))) == 2
+    again = parse_markdown(summary_markdown(load_runs([out / "runs.csv"]), timing=load_runs([out / "timing.csv"])))
+    assert again == parse_markdown(text)

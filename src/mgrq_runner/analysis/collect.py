@@ -3,10 +3,14 @@
     mgrq-collect outputs/proxy_table                       # writes outputs/proxy_table/summary.*
     mgrq-collect outputs/a outputs/b --out reports --plots
     mgrq-collect docs/proxy/swin/runs.csv outputs/new_runs --out docs/proxy/swin   # an earlier table, extended
+    mgrq-collect docs/proxy/runs.csv --timing outputs/quiet_seed0 --out docs/proxy  # s/run from a quiet pass
 
 Writes <OUT>/summary.md, summary.csv (the tables) and runs.csv (one line per run) and prints the Markdown; OUT
 defaults to the first DIR. With --plots also top1_vs_bits.png, loss_grid.png (when mgrq runs with several loss
-weights exist) and recon_curves.png (of the most recent finished run that has recon_curves.json).
+weights exist) and recon_curves.png (of the most recent finished run that has recon_curves.json). With --timing,
+the s/run column comes from those runs (a separate pass, one job at a time on an otherwise idle machine) instead
+of the table's own, they are written to <OUT>/timing.csv, and the summary says how many of them repeat a table run
+with the same top-1 (the run-to-run spread).
 """
 
 from __future__ import annotations
@@ -58,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="where to write the summary (default: the first DIR)")
     parser.add_argument("--plots", action="store_true", help="also write PNG plots (needs matplotlib)")
+    parser.add_argument(
+        "--timing", nargs="+", type=Path, metavar="DIR", help="runs (or a timing.csv) whose wall times fill s/run"
+    )
     args = parser.parse_args(argv)
 
     try:
         records = load_runs(args.dirs)
+        timing = load_runs(args.timing) if args.timing else None
     except (FileNotFoundError, ValueError) as err:
         note(f"collect: error: {err}")
         return 2
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
     command = "mgrq-collect " + " ".join(sys.argv[1:] if argv is None else argv)
-    written = write_summary(records, out, header=f"Collected with `{command}` from {len(records)} runs.\n")
+    header = f"Collected with `{command}` from {len(records)} runs.\n"
+    written = write_summary(records, out, header=header, timing=timing)
     print((out / "summary.md").read_text(), end="")
     note("wrote " + ", ".join(map(str, written)))
     if args.plots:

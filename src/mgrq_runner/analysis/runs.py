@@ -24,11 +24,14 @@ RUNS_CSV_COLUMNS = (
     "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
     "unconverged_units", "error",
 )  # fmt: skip
-# Written since 2026-12-02; read when present (older files: inferred from the labels, ``_loss_weights``).
-EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance")
+# Written since 2026-12-02 (quant_prob since 2026-12-03); read when present (older files: inferred from the
+# labels, ``parse_label``).
+EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob")
 # The loss weights of the methods whose label does not carry them (method.md section 6).
 LABEL_LOSS_WEIGHTS = {"mgrq": (1.0, 1.0), "qdrop": (0.0, 0.0), "brecq": (0.0, 0.0)}
 DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
+# QDrop's p (method.recon.quant_prob) of each reconstruction preset; a run with another p gets it in its label.
+DEFAULT_QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "mgrq": 0.5}
 
 
 @dataclass
@@ -51,6 +54,7 @@ class RunRow:
     run_dir: str
     global_weight: float | None = None
     local_weight: float | None = None
+    quant_prob: float | None = None
     w_bits: int | None = None
     a_bits: int | None = None
     finished: str | None = None
@@ -100,14 +104,20 @@ def setting_of(method: str, w_bits: Any, a_bits: Any) -> str:
     return f"W{w_bits}A{a_bits}"
 
 
-def method_label(method: str, global_weight: float | None, local_weight: float | None) -> str:
-    """The row label: the method name, with the loss weights for an mgrq run off the defaults."""
+def method_label(
+    method: str, global_weight: float | None, local_weight: float | None, quant_prob: float | None = None
+) -> str:
+    """The row label: the method name, with the loss weights of an mgrq run off the defaults and QDrop's p of a
+    reconstruction off its preset's (``mgrq (λG=0, λL=1)``, ``mgrq (p=1)``: mgrq on BRECQ's base, no drop)."""
+    parts = []
     weights = {"global_weight": global_weight, "local_weight": local_weight}
-    if method != "mgrq" or all(w is None or w == DEFAULT_LOSS_WEIGHTS[k] for k, w in weights.items()):
-        return method
-    g = DEFAULT_LOSS_WEIGHTS["global_weight"] if global_weight is None else global_weight
-    lw = DEFAULT_LOSS_WEIGHTS["local_weight"] if local_weight is None else local_weight
-    return f"mgrq (λG={compact(g)}, λL={compact(lw)})"
+    if method == "mgrq" and any(w is not None and w != DEFAULT_LOSS_WEIGHTS[k] for k, w in weights.items()):
+        g = DEFAULT_LOSS_WEIGHTS["global_weight"] if global_weight is None else global_weight
+        lw = DEFAULT_LOSS_WEIGHTS["local_weight"] if local_weight is None else local_weight
+        parts += [f"λG={compact(g)}", f"λL={compact(lw)}"]
+    if quant_prob is not None and quant_prob != DEFAULT_QUANT_PROB.get(method, quant_prob):
+        parts.append(f"p={compact(quant_prob)}")
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
 def _unreadable(path: Path, error: str) -> RunRow:
@@ -145,6 +155,8 @@ def load_run(path: str | Path) -> RunRow:
     loss = method_cfg.get("loss") if isinstance(method_cfg, dict) else None
     loss = loss if isinstance(loss, dict) else {}
     global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
+    recon = method_cfg.get("recon") if isinstance(method_cfg, dict) else None
+    quant_prob = _float(recon.get("quant_prob")) if isinstance(recon, dict) else None
 
     status = results.get("status")
     status = status if status in ("done", "failed", "running", "interrupted", "projected") else "failed"
@@ -166,7 +178,7 @@ def load_run(path: str | Path) -> RunRow:
     reconstruction = results.get("reconstruction")
     return RunRow(
         model=str(model),
-        method=method_label(method, global_weight, local_weight),
+        method=method_label(method, global_weight, local_weight, quant_prob),
         method_name=method,
         setting=setting,
         seed=seed if isinstance(seed, int) else None,
@@ -178,6 +190,7 @@ def load_run(path: str | Path) -> RunRow:
         run_dir=str(path.parent),
         global_weight=global_weight,
         local_weight=local_weight,
+        quant_prob=quant_prob,
         w_bits=results.get("w_bits"),
         a_bits=results.get("a_bits"),
         finished=results.get("finished"),
@@ -209,7 +222,8 @@ def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
             writer.writerow("" if row[c] is None else row[c] for c in columns)
 
 
-MGRQ_LABEL = re.compile(r"mgrq \(λG=(?P<g>[^,]+), λL=(?P<l>[^)]+)\)")
+# A label with arguments: "mgrq (λG=0, λL=1)", "mgrq (λG=0, λL=1, p=1)", "qdrop (p=0.75)".
+LABEL_ARGS = re.compile(r"(?P<name>\w+) \((?P<args>[^)]*)\)")
 SETTING_LABEL = re.compile(r"W(?P<w>\d+)A(?P<a>\d+)")
 
 
@@ -222,15 +236,15 @@ def read_runs_csv(path: Path) -> list[RunRow]:
         raise ValueError(f"{path} is not a runs.csv written by mgrq-collect: no column {', '.join(missing)}")
     rows = []
     for line in lines:
-        weights = MGRQ_LABEL.fullmatch(line["method"])
-        global_weight, local_weight = _loss_weights(line, weights)
+        name, args = parse_label(line["method"])
+        global_weight, local_weight = _loss_weights(line, name, args)
         bits = SETTING_LABEL.match(line["setting"])
         unconverged = line["unconverged_units"]
         rows.append(
             RunRow(
                 model=line["model"],
                 method=line["method"],
-                method_name="mgrq" if weights else line["method"],
+                method_name=name,
                 setting=line["setting"],
                 seed=int(line["seed"]) if line["seed"] else None,
                 status=line["status"],
@@ -241,6 +255,7 @@ def read_runs_csv(path: Path) -> list[RunRow]:
                 run_dir=line["run_dir"],
                 global_weight=global_weight,
                 local_weight=local_weight,
+                quant_prob=_float(line.get("quant_prob") or args.get("p") or DEFAULT_QUANT_PROB.get(name)),
                 w_bits=int(bits["w"]) if bits else None,
                 a_bits=int(bits["a"]) if bits else None,
                 error=line["error"] or None,
@@ -251,10 +266,19 @@ def read_runs_csv(path: Path) -> list[RunRow]:
     return rows
 
 
-def _loss_weights(line: dict[str, str], label: re.Match[str] | None) -> tuple[float | None, float | None]:
-    """A runs.csv line's loss weights: its columns, else its mgrq label's, else its method's (or None)."""
+def parse_label(label: str) -> tuple[str, dict[str, str]]:
+    """``method_label``'s inverse: "mgrq (λG=0, λL=1)" -> ("mgrq", {"λG": "0", "λL": "1"})."""
+    match = LABEL_ARGS.fullmatch(label)
+    if match is None:
+        return label, {}
+    pairs = (arg.split("=", 1) for arg in match["args"].split(", ") if "=" in arg)
+    return match["name"], {key: value for key, value in pairs}
+
+
+def _loss_weights(line: dict[str, str], name: str, args: dict[str, str]) -> tuple[float | None, float | None]:
+    """A runs.csv line's loss weights: its columns, else its label's, else its method's (or None)."""
     if line.get("global_weight") or line.get("local_weight"):
         return _float(line.get("global_weight") or None), _float(line.get("local_weight") or None)
-    if label is not None:
-        return float(label["g"]), float(label["l"])
-    return LABEL_LOSS_WEIGHTS.get(line["method"], (None, None))
+    if "λG" in args and "λL" in args:
+        return float(args["λG"]), float(args["λL"])
+    return LABEL_LOSS_WEIGHTS.get(name, (None, None))

@@ -20,6 +20,7 @@ from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
+TIMING_CSV = "timing.csv"  # the runs of a collection's s/run column (mgrq-collect --timing)
 MODEL_ORDER = ["vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"]
 MODEL_NAMES = {
     "vit_s": "ViT-S",
@@ -99,8 +100,18 @@ def _seconds_text(records: Sequence[RunRow]) -> str:
     return f"{statistics.mean(seconds):.1f}" if seconds else NO_VALUE
 
 
-def build_tables(records: Sequence[RunRow]) -> list[Table]:
-    """One ``Table`` per setting; the fp runs make the first row of every table, published rows come last."""
+def build_tables(records: Sequence[RunRow], timing: Sequence[RunRow] | None = None) -> list[Table]:
+    """One ``Table`` per setting; the fp runs make the first row of every table, published rows come last.
+
+    ``s/run`` is the mean wall time of a row's runs, or with ``timing`` (a separate pass, e.g. seed 0 alone on the
+    machine) the mean of the timing runs of the same setting, method and models.
+    """
+
+    def seconds(setting: str, label: str, row_runs: Sequence[RunRow], models: list[str]) -> str:
+        if timing is None:
+            return _seconds_text(row_runs)
+        return _seconds_text([t for t in timing if (t.setting, t.method) == (setting, label) and t.model in models])
+
     readable = [r for r in records if r.setting != UNKNOWN]
     fp_runs = [r for r in readable if r.setting == FP_LABEL]
     quantized = [r for r in readable if r.setting != FP_LABEL]
@@ -113,11 +124,11 @@ def build_tables(records: Sequence[RunRow]) -> list[Table]:
         fp_here = [r for r in fp_runs if r.model in models]
         if fp_here:
             cells = [cell_text([r for r in fp_here if r.model == m]) for m in models]
-            table.rows.append((FP_LABEL, cells, _seconds_text(fp_here)))
+            table.rows.append((FP_LABEL, cells, seconds(FP_LABEL, "fp", fp_here, models)))
         for label in sorted({r.method for r in runs}, key=method_key):
             row_runs = [r for r in runs if r.method == label]
             cells = [cell_text([r for r in row_runs if r.model == m]) for m in models]
-            table.rows.append((label, cells, _seconds_text(row_runs)))
+            table.rows.append((label, cells, seconds(setting, label, row_runs, models)))
         table.num_runs = len(fp_here) + len(runs)
         published = {**PUBLISHED[FP_LABEL], **(PUBLISHED.get(setting, {}) if setting != FP_LABEL else {})}
         for label, numbers in published.items():
@@ -158,15 +169,34 @@ def _duplicates(records: Sequence[RunRow]) -> str:
     )
 
 
-def summary_markdown(records: Sequence[RunRow]) -> str:
+def _reruns(records: Sequence[RunRow], timing: Sequence[RunRow]) -> str:
+    """How the timing pass's top-1 compares with the table's runs of the same setting, method, model and seed."""
+    table = {(r.setting, r.method, r.model, r.seed): r.top1 for r in records if r.done}
+    pairs = [(t, table[key]) for t in timing if t.done and (key := (t.setting, t.method, t.model, t.seed)) in table]
+    if not pairs:
+        return "The timing runs repeat none of the table's runs (same setting, method, model and seed).\n"
+    gaps = [abs((t.top1 or 0.0) - (top1 or 0.0)) for t, top1 in pairs]
+    return (
+        f"Run-to-run: {len(pairs)} timing runs repeat a table run (same setting, method, model and seed); "
+        f"{sum(g == 0 for g in gaps)} give the same top-1, the largest difference is {max(gaps):.2f}.\n"
+    )
+
+
+def summary_markdown(records: Sequence[RunRow], timing: Sequence[RunRow] | None = None) -> str:
     """Every setting's table under a "## <setting>" heading, then a list of failed / incomplete runs."""
     parts = []
-    for table in build_tables(records):
+    if timing is None:
+        seconds_note = "s/run: mean wall time of the row's runs."
+    else:
+        seconds_note = f"s/run: wall time of the timing pass ({sum(t.done for t in timing)} runs), not of these runs."
+    for table in build_tables(records, timing):
         note = (
             f"top-1 (%), mean ± std over seeds; measured rows from {table.num_runs} runs; '(published)' rows are "
-            "ImageNet numbers from the papers, not measured here."
+            f"ImageNet numbers from the papers, not measured here. {seconds_note}"
         )
         parts.append(f"## {table.setting}\n\n{table_markdown(table)}\n\n{note}\n")
+    if timing is not None:
+        parts.append(_reruns(records, timing))
     duplicates = _duplicates(records)
     if duplicates:
         parts.append("## Repeated runs (averaged as if they were seeds; collect fewer directories?)\n\n" + duplicates)
@@ -194,20 +224,26 @@ def _run_key(r: RunRow) -> tuple:
     return (setting_key(r.setting), method_key(r.method), model_key(r.model), seed, r.run_dir)
 
 
-def write_summary(records: Sequence[RunRow], out_dir: str | Path, header: str = "") -> list[Path]:
-    """Writes ``summary.md``, ``summary.csv`` (the tables, one block per setting) and ``runs.csv`` (one run a line)."""
+def write_summary(
+    records: Sequence[RunRow], out_dir: str | Path, header: str = "", timing: Sequence[RunRow] | None = None
+) -> list[Path]:
+    """Writes ``summary.md``, ``summary.csv`` (the tables, one block per setting) and ``runs.csv`` (one run a line);
+    with ``timing`` runs (the ``s/run`` column's) also ``timing.csv``, in runs.csv's format."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "summary.md", out / "summary.csv", out / RUNS_CSV]
-    paths[0].write_text(header + ("\n" if header else "") + summary_markdown(records))
+    paths[0].write_text(header + ("\n" if header else "") + summary_markdown(records, timing))
 
     with paths[1].open("w", newline="") as f:
         writer = csv.writer(f)
-        for i, table in enumerate(build_tables(records)):
+        for i, table in enumerate(build_tables(records, timing)):
             if i:
                 writer.writerow([])
             writer.writerow(["setting", *table.header])
             writer.writerows([table.setting, label, *cells, seconds] for label, cells, seconds in table.rows)
 
     write_runs_csv(sorted(records, key=_run_key), paths[2])
+    if timing is not None:
+        paths.append(out / TIMING_CSV)
+        write_runs_csv(sorted(timing, key=_run_key), paths[3])
     return paths
