@@ -5,7 +5,8 @@ ARGS ?=
 IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
 
-.PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx train-proxy train-proxy-swin clean \
+.PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
+	train-proxy-swin clean \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
 
 help: ## list the targets
@@ -51,6 +52,13 @@ bench-onnx: setup ## ONNX throughput, size, integer kernels: FP32 vs this runner
 bench-memory: setup ## peak memory of one deit_b and one swin_b reconstruction, caches accounted (CPU, long)
 	$(PY) scripts/bench_memory.py --model deit_base_patch16_224 --images 128
 	$(PY) scripts/bench_memory.py --model swin_base_patch4_window7_224 --images 32   # 128: about an hour on one core
+
+device-bundle: setup ## what scripts/device_check.sh needs on a lent GPU machine (no network there) -> .device_bundle/
+	rm -rf .device_bundle && mkdir -p .device_bundle/whl
+	$(PY) -m pip wheel -q --no-deps -w .device_bundle/whl \
+		$$($(PY) -m pip freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime|timm)==')
+	cp -r /usr/share/datasets/fashion-mnist .device_bundle/fashion-mnist
+	du -sh .device_bundle
 
 # An experiment: its sweep into $(EXP)/<name> (rerunning overwrites), then the collected table and plots there.
 define experiment

@@ -6,11 +6,13 @@
     python scripts/bench_recon.py --model proxy_vit --iters 50            # the shipped proxy (28x28 images)
     python scripts/bench_recon.py --model proxy_vit --profile             # where an iteration's time goes
     python scripts/bench_recon.py --model proxy_vit --threads 1           # (run two at once: thread contention)
+    python scripts/bench_recon.py --model proxy_vit --unit embed          # another unit (name or index)
 
-Times, on one middle block and the same batch: an FP block forward+backward; a qdrop iteration (AdaRound,
-learned step sizes, QDrop, block loss, rounding regulariser, optimiser steps); an mgrq iteration with the global
-term every iteration and the local term; and the FP remainder's own forward+backward. Targets (issue 12): qdrop
-<= 1.5x the FP block step; mgrq's extra cost over qdrop <= the remainder's forward+backward.
+Times, on one unit (by default the middle block) and the same batch: an FP forward+backward of the unit; a qdrop
+iteration (AdaRound, learned step sizes, QDrop, block loss, rounding regulariser, optimiser steps); an mgrq
+iteration with the global term every iteration and the local term; and the FP remainder's own forward+backward.
+Targets (issue 12, for a block): qdrop <= 1.5x the FP block step; mgrq's extra cost over qdrop <= the remainder's
+forward+backward.
 
 ``--profile`` splits a qdrop and an mgrq iteration (torch.profiler, self CPU time of every aten op) into matrix
 products, elementwise passes, random draws, other ops, and the rest of the wall time: Python, autograd's engine
@@ -101,6 +103,17 @@ def profile_step(label: str, step: Callable[[], None], iters: int) -> None:
     )
 
 
+def unit_index(names: list[str], unit: str | None) -> int:
+    """The index of ``unit`` (a name or an index) among the unit ``names``; None: the middle one."""
+    if unit is None:
+        return len(names) // 2
+    if unit in names:
+        return names.index(unit)
+    if unit.lstrip("-").isdigit() and -len(names) <= int(unit) < len(names):
+        return int(unit) % len(names)
+    raise SystemExit(f"--unit {unit!r} is not a unit of this model. Fix: one of {', '.join(names)}, or an index.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
@@ -108,6 +121,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
+    parser.add_argument("--unit", help="a unit's name (embed, blocks.3, head) or index (default: the middle one)")
     parser.add_argument("--profile", action="store_true", help="also print where a qdrop and an mgrq step go")
     parser.add_argument("--malloc-defaults", action="store_true", help="skip keep_freed_memory() (as mgrq-run does it)")
     args = parser.parse_args()
@@ -128,15 +142,17 @@ def main() -> None:
     for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
         parameter.requires_grad_(False)
     fp_units, quant_units = model_units(fp_model), model_units(quant_model)
-    index = len(fp_units) // 2
+    index = unit_index([u.name for u in fp_units], args.unit)
     unit, fp_unit = quant_units[index], fp_units[index]
     with torch.no_grad():
         x_fp = run_units(fp_units[:index], images)
         logits = fp_model(images)
 
+        output = fp_unit(x_fp)
+
     fp_block = copy.deepcopy(fp_unit.module).requires_grad_(True)
     fp_optimizer = torch.optim.Adam(fp_block.parameters(), lr=1e-6)
-    target = x_fp.detach() + 0.01
+    target = output + 0.01
 
     def fp_step() -> None:
         loss = (fp_block(x_fp) - target).pow(2).sum(-1).mean()
@@ -144,9 +160,11 @@ def main() -> None:
         loss.backward()
         fp_optimizer.step()
 
+    remainder = fp_remainder(fp_units, index, pre_logits=False)  # None for the head: EBGS has nothing to add
+
     def remainder_step() -> None:
-        x = x_fp.detach().requires_grad_(True)
-        out = fp_model.forward_head(fp_model.norm(run_units(fp_units[index + 1 : -1], x)))
+        assert remainder is not None
+        out = remainder(output.detach().requires_grad_(True))
         loss = torch.nn.functional.kl_div(
             out.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="batchmean"
         )
@@ -158,7 +176,6 @@ def main() -> None:
         points = capture_points(local_unit.module, losses.local_layers) if losses.local_weight > 0 else []
         output, layers = fp_outputs(local_unit, x_fp, points, args.batch_size)
         targets = UnitTargets(output, layers, logits if losses.global_weight > 0 else None)
-        remainder = fp_remainder(fp_units, index, pre_logits=False)
         optimizer = UnitOptimizer(local_unit, remainder, targets, points, ReconConfig(iters=1000), losses)
         generator = torch.Generator(device=device).manual_seed(0)
         return lambda: optimizer.step(500, x_fp, x_fp, generator)
@@ -167,22 +184,27 @@ def main() -> None:
     fp_ms = median_ms(fp_step, args.iters, device)
     qdrop_ms = median_ms(qdrop, args.iters, device)
     mgrq_ms = median_ms(mgrq, args.iters, device)
-    remainder_ms = median_ms(remainder_step, args.iters, device)
+    remainder_ms = median_ms(remainder_step, args.iters, device) if remainder is not None else 0.0
     weights = "shipped weights" if args.model in PROXIES else "random weights"
     print(
         f"model {args.model} ({weights}), unit {unit.name}, batch {args.batch_size}, device {device}, "
         f"threads {torch.get_num_threads()}, torch {torch.__version__}, allocator {allocator}"
     )
-    print(f"FP block forward+backward      : {fp_ms:8.1f} ms")
-    print(f"qdrop iteration                : {qdrop_ms:8.1f} ms  ({qdrop_ms / fp_ms:.2f}x FP block; target <= 1.5)")
-    print(f"FP remainder forward+backward  : {remainder_ms:8.1f} ms")
+    print(f"FP unit forward+backward       : {fp_ms:8.1f} ms")
+    print(f"qdrop iteration                : {qdrop_ms:8.1f} ms  ({qdrop_ms / fp_ms:.2f}x the FP unit; target <= 1.5)")
     extra = mgrq_ms - qdrop_ms
-    print(
-        f"mgrq iteration (global_every=1): {mgrq_ms:8.1f} ms  (extra over qdrop {extra:.1f} ms = "
-        f"{extra / remainder_ms:.2f}x the remainder's forward+backward; target <= 1)"
-    )
+    if remainder is None:
+        print("FP remainder forward+backward  :     none (the head's own output is the logits)")
+        print(f"mgrq iteration (no global term): {mgrq_ms:8.1f} ms  (extra over qdrop {extra:.1f} ms)")
+    else:
+        print(f"FP remainder forward+backward  : {remainder_ms:8.1f} ms")
+        print(
+            f"mgrq iteration (global_every=1): {mgrq_ms:8.1f} ms  (extra over qdrop {extra:.1f} ms = "
+            f"{extra / remainder_ms:.2f}x the remainder's forward+backward; target <= 1)"
+        )
     if args.profile:
-        for label, step in (("FP block", fp_step), ("qdrop", qdrop), ("mgrq", mgrq), ("FP remainder", remainder_step)):
+        steps = [("FP unit", fp_step), ("qdrop", qdrop), ("mgrq", mgrq)]
+        for label, step in steps + ([("FP remainder", remainder_step)] if remainder is not None else []):
             profile_step(label, step, args.iters)
 
 

@@ -375,3 +375,23 @@ def test_wall_times_from_a_separate_timing_pass(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((out / "timing.csv").open()))) == 2
     again = parse_markdown(summary_markdown(load_runs([out / "runs.csv"]), timing=load_runs([out / "timing.csv"])))
     assert again == parse_markdown(text)
+
+
+def test_the_machines_of_a_collection_are_named_and_mixed_settings_flagged(tmp_path: Path) -> None:
+    """results.json's machine reaches runs.csv and back; a setting whose runs come from two CPUs is flagged, one
+    whose runs share one CPU (or do not record it) is not."""
+    root = tmp_path / "runs"
+    machines = {0: "CPU A, AVX512, 2 cores", 1: "CPU B, AVX2, 2 cores"}
+    for bits, seeds in ((4, (0, 1)), (3, (0,))):
+        for seed in seeds:
+            path = write_run(root, "proxy_vit", "qdrop", bits, seed, 90.0 - seed) / "results.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machines[seed]}))
+    write_run(root, "proxy_vit", "repq", 3, 0, 89.0)  # no machine recorded (an older run)
+    records = load_runs([root])
+    text = summary_markdown(records)
+    assert "`CPU A, AVX512, 2 cores` (2 runs)" in text and "`not recorded` (1 run)" in text
+    assert "- W4A4: runs of 2 machines" in text and "- W3A3: runs of" not in text
+    write_summary(records, tmp_path / "out")
+    again = load_runs([tmp_path / "out" / "runs.csv"])
+    assert sorted(r.machine or "" for r in again) == sorted(r.machine or "" for r in records)
+    assert summary_markdown(again) == text

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mgrq_runner.data import load_fashion_mnist
+from mgrq_runner.devices import CPU_CORES, machine_description
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
@@ -123,6 +124,7 @@ def test_mgrq_run_records_reconstruction(compose_cfg) -> None:
     assert {"block", "global", "local"} <= set(results["reconstruction"][1]) and "reconstruct" in results["times"]
     assert all({"block_soft", "block_hard", "undecided"} <= set(unit) for unit in results["reconstruction"])
     assert results["threads"] == torch.get_num_threads()
+    assert results["machine"] == machine_description() and results["machine"].endswith(f"{CPU_CORES} cores")
     assert results["status"] == "done"
     curves = json.loads(open(f"{cfg.output_dir}/recon_curves.json").read())
     assert list(curves) == units

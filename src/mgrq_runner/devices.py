@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,29 @@ log = logging.getLogger(__name__)
 GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "mgrq-gpu-locks"
 CPU_CORES = torch.get_num_threads()  # torch's default: the cores this process may use (read before any change)
 _claimed_gpu: tuple[int, Any] | None = None  # (device index, its lock file, open for the process's lifetime)
+
+
+@functools.cache
+def machine_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU a run computes on, e.g. "AMD EPYC (family 26, model 2), AVX512, 2 cores".
+
+    Runs repeated with the same seed and threads give the same results bit for bit on one kind of CPU but not
+    across kinds (another model or vector width reduces floats in another order: docs/proxy/README.md), so a
+    table's comparisons are cleanest among runs of one description.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}, {CPU_CORES} cores"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,6 +22,7 @@ import torchvision
 from omegaconf import DictConfig
 
 from mgrq_runner import __version__
+from mgrq_runner.devices import machine_description
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.rundir import Results
 
@@ -96,4 +97,5 @@ def common_fields(cfg: DictConfig, run_dir: Path) -> Results:
         "versions": library_versions(),
         "git_sha": git_revision(),
         "threads": torch.get_num_threads(),  # CPU float reductions depend on it: keep it fixed across a table
+        "machine": machine_description(),  # and on the CPU: mgrq-collect flags tables that mix machines
     }

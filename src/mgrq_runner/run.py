@@ -413,6 +413,7 @@ def _model_fields(model: torch.nn.Module, cfg: DictConfig, device: torch.device)
         "crop_pct": preprocessing.get("crop_pct"),
         "interpolation": preprocessing.get("interpolation"),
         "device": str(device),
+        **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
     }
 
 

@@ -78,7 +78,9 @@ class Results(TypedDict, total=False):
     versions: dict[str, str]
     git_sha: str | None
     threads: int  # torch CPU threads: float reductions depend on it
+    machine: str  # the CPU (model, vector instructions, cores): float results depend on it too
     device: str
+    gpu: str  # a CUDA run: the GPU's name
     # progress
     status: str  # running | done | failed | interrupted | projected (dry_run=true)
     error: str  # failed: the error's type and message

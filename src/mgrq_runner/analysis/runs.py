@@ -24,9 +24,9 @@ RUNS_CSV_COLUMNS = (
     "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
     "unconverged_units", "error",
 )  # fmt: skip
-# Written since 2026-12-02 (quant_prob since 2026-12-03); read when present (older files: inferred from the
-# labels, ``parse_label``).
-EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob")
+# Written since 2026-12-02 (quant_prob since 2026-12-03, machine since 2026-12-04); read when present (older
+# files: inferred from the labels, ``parse_label``; the machine stays unknown).
+EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob", "machine")
 # The loss weights of the methods whose label does not carry them (method.md section 6).
 LABEL_LOSS_WEIGHTS = {"mgrq": (1.0, 1.0), "qdrop": (0.0, 0.0), "brecq": (0.0, 0.0)}
 DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
@@ -60,6 +60,7 @@ class RunRow:
     finished: str | None = None
     error: str | None = None
     provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
+    machine: str | None = None  # the CPU (and a CUDA run's GPU) as results.json records it; None: older runs
     unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
 
     @property
@@ -196,6 +197,7 @@ def load_run(path: str | Path) -> RunRow:
         finished=results.get("finished"),
         error=None if error is None else str(error),
         provenance=provenance or None,
+        machine=" + ".join(str(results[k]) for k in ("machine", "gpu") if results.get(k)) or None,
         unconverged=unconverged_units(reconstruction) if isinstance(reconstruction, list) else None,
     )
 
@@ -260,6 +262,7 @@ def read_runs_csv(path: Path) -> list[RunRow]:
                 a_bits=int(bits["a"]) if bits else None,
                 error=line["error"] or None,
                 provenance=line.get("provenance") or None,
+                machine=line.get("machine") or None,
                 unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
             )
         )

@@ -11,6 +11,7 @@ import csv
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,7 @@ def summary_markdown(records: Sequence[RunRow], timing: Sequence[RunRow] | None 
     provenance = sorted({r.provenance for r in records if r.provenance})
     if provenance:
         parts.append("Runs made with: " + "; ".join(f"`{p}`" for p in provenance) + "\n")
+    parts.append(_machines(records))
     reconstructed = [r for r in records if r.done and r.unconverged is not None]
     if reconstructed:
         missed = [r for r in reconstructed if r.unconverged]
@@ -217,6 +219,22 @@ def summary_markdown(records: Sequence[RunRow], timing: Sequence[RunRow] | None 
     if problems:
         parts.append("## Failed or incomplete runs\n\n" + "\n".join(problems) + "\n")
     return "\n".join(parts)
+
+
+def _machines(records: Sequence[RunRow]) -> str:
+    """Which CPUs the runs were made on, and the settings whose runs come from more than one: the same run on
+    two kinds of CPU differs by about a seed std (docs/proxy/README.md), a spread that such a table's
+    comparisons carry on top of the seeds'."""
+    done = [r for r in records if r.done]
+    counts = Counter(r.machine or "not recorded" for r in done)
+    if not counts:
+        return ""
+    text = "Machines: " + "; ".join(f"`{m}` ({n} run{'s' * (n != 1)})" for m, n in sorted(counts.items())) + "\n"
+    for setting in sorted({r.setting for r in done}, key=setting_key):
+        machines = {r.machine for r in done if r.setting == setting and r.machine}
+        if len(machines) > 1:
+            text += f"- {setting}: runs of {len(machines)} machines (its differences carry the spread between them).\n"
+    return text
 
 
 def _run_key(r: RunRow) -> tuple:
