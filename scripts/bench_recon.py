@@ -147,12 +147,11 @@ def main() -> None:
     with torch.no_grad():
         x_fp = run_units(fp_units[:index], images)
         logits = fp_model(images)
-
-        output = fp_unit(x_fp)
+        fp_output = fp_unit(x_fp)
 
     fp_block = copy.deepcopy(fp_unit.module).requires_grad_(True)
     fp_optimizer = torch.optim.Adam(fp_block.parameters(), lr=1e-6)
-    target = output + 0.01
+    target = fp_output + 0.01
 
     def fp_step() -> None:
         loss = (fp_block(x_fp) - target).pow(2).sum(-1).mean()
@@ -164,7 +163,7 @@ def main() -> None:
 
     def remainder_step() -> None:
         assert remainder is not None
-        out = remainder(output.detach().requires_grad_(True))
+        out = remainder(fp_output.detach().requires_grad_(True))
         loss = torch.nn.functional.kl_div(
             out.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="batchmean"
         )

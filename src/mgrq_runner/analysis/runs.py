@@ -24,7 +24,7 @@ RUNS_CSV_COLUMNS = (
     "setting", "method", "model", "seed", "status", "top1", "top5", "fp_top1", "seconds", "run_dir",
     "unconverged_units", "error",
 )  # fmt: skip
-# Written since 2026-12-02 (quant_prob since 2026-12-03, machine since 2026-12-04); read when present (older
+# Written since 2026-12-02 (quant_prob and machine since 2026-12-03); read when present (older
 # files: inferred from the labels, ``parse_label``; the machine stays unknown).
 EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob", "machine")
 # The loss weights of the methods whose label does not carry them (method.md section 6).
