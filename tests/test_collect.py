@@ -367,6 +367,10 @@ def test_wall_times_from_a_separate_timing_pass(tmp_path: Path) -> None:
     assert timed["repq"]["proxy_vit"] == "89.30 ± 0.10"  # the cells stay the table's
     assert "2 timing runs repeat a table run" in text and "1 give the same top-1" in text
     assert "largest difference is 0.05" in text
+    also_table = summary_markdown(load_runs([table, quiet / "w4a4" / "qdrop_proxy_vit_s0"]), timing=load_runs([quiet]))
+    assert "1 timing runs repeat a table run (same setting, method, model and seed) (1 timing runs are table runs" in (
+        also_table
+    )  # the qdrop timing run, collected into the table too, repeats nothing: only repq's pair is left
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(table), "--timing", str(quiet), "--out", str(out)]

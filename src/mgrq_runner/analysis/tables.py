@@ -171,14 +171,22 @@ def _duplicates(records: Sequence[RunRow]) -> str:
 
 
 def _reruns(records: Sequence[RunRow], timing: Sequence[RunRow]) -> str:
-    """How the timing pass's top-1 compares with the table's runs of the same setting, method, model and seed."""
+    """How the timing pass's top-1 compares with the table's runs of the same setting, method, model and seed (a
+    timing run that is itself one of the table's runs repeats nothing)."""
     table = {(r.setting, r.method, r.model, r.seed): r.top1 for r in records if r.done}
-    pairs = [(t, table[key]) for t in timing if t.done and (key := (t.setting, t.method, t.model, t.seed)) in table]
+    in_table = {r.run_dir for r in records}
+    shared = sum(t.run_dir in in_table for t in timing)
+    note = f" ({shared} timing runs are table runs themselves)" if shared else ""
+    pairs = [
+        (t, table[key])
+        for t in timing
+        if t.done and t.run_dir not in in_table and (key := (t.setting, t.method, t.model, t.seed)) in table
+    ]
     if not pairs:
-        return "The timing runs repeat none of the table's runs (same setting, method, model and seed).\n"
+        return f"The timing runs repeat none of the table's runs (same setting, method, model and seed){note}.\n"
     gaps = [abs((t.top1 or 0.0) - (top1 or 0.0)) for t, top1 in pairs]
     return (
-        f"Run-to-run: {len(pairs)} timing runs repeat a table run (same setting, method, model and seed); "
+        f"Run-to-run: {len(pairs)} timing runs repeat a table run (same setting, method, model and seed){note}; "
         f"{sum(g == 0 for g in gaps)} give the same top-1, the largest difference is {max(gaps):.2f}.\n"
     )
 
