@@ -32,9 +32,9 @@ def machine_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     fields: dict[str, str] = {}
     try:
         for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
             if not line.strip():
                 break  # the first processor's block is enough
+            key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
