@@ -21,8 +21,9 @@ import torch
 
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon import LossConfig, ReconConfig, reconstruct
 from mgrq_runner.recon.cache import capture_points, fp_outputs
+from mgrq_runner.recon.config import LossConfig, ReconConfig
+from mgrq_runner.recon.engine import reconstruct
 from mgrq_runner.recon.units import model_units
 
 MIB = 2**20

@@ -30,8 +30,8 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
+from mgrq_runner.deploy.onnx_export import compact, export_onnx, integer_kernels, quiet_exporter, session
 from mgrq_runner.models import create_proxy_model
-from mgrq_runner.onnx_export import compact, export_onnx, integer_kernels, quiet_exporter, session
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 

@@ -34,10 +34,9 @@ from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.models import PROXIES, create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer
-from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
-from mgrq_runner.recon.engine import fp_remainder
-from mgrq_runner.recon.units import model_units, run_units
+from mgrq_runner.recon.config import LossConfig, ReconConfig
+from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
+from mgrq_runner.recon.units import fp_remainder, model_units, run_units
 
 
 def median_ms(step: Callable[[], None], iters: int, device: torch.device) -> float:
@@ -172,10 +171,9 @@ def main() -> None:
     def recon_step(losses: LossConfig) -> Callable[[], None]:
         """One step of the engine's own unit optimiser (half-way through a 1000-step budget: beta annealing)."""
         local_unit = type(unit)(unit.name, copy.deepcopy(unit.module))
-        points = capture_points(local_unit.module, losses.local_layers) if losses.local_weight > 0 else []
-        output, layers = fp_outputs(local_unit, x_fp, points, args.batch_size)
-        targets = UnitTargets(output, layers, logits if losses.global_weight > 0 else None)
-        optimizer = UnitOptimizer(local_unit, remainder, targets, points, ReconConfig(iters=1000), losses)
+        recon = ReconConfig(iters=1000)
+        supervision = Supervision(fp_units, logits if losses.global_weight > 0 else None, recon, losses)
+        optimizer = UnitOptimizer.for_unit(local_unit, index, x_fp, supervision)
         generator = torch.Generator(device=device).manual_seed(0)
         return lambda: optimizer.step(500, x_fp, x_fp, generator)
 

@@ -24,13 +24,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mgrq_runner import run as pipeline
-from mgrq_runner.cli import CONFIG_DIR
+from mgrq_runner.presets import CONFIG_DIR
 from mgrq_runner.quant.api import quant_layers
-from mgrq_runner.recon import UnitOptimizer
-from mgrq_runner.recon.cache import UnitTargets, batched, capture_points, fp_outputs
-from mgrq_runner.recon.engine import fp_logits, fp_remainder
+from mgrq_runner.recon.cache import batched
+from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
 from mgrq_runner.recon.units import model_units
 from mgrq_runner.results import ResultsFile
+from mgrq_runner.settings import parse_settings
 
 
 def main() -> None:
@@ -45,36 +45,36 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="unit_budget_"))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"output_dir={out}", "progress=false", *args.overrides])
-    job = pipeline.settings(cfg)
-    if job.recon is None or job.losses is None:
+    settings = parse_settings(cfg)
+    method = settings.method
+    if method is None or method.recon is None or method.losses is None:
         raise SystemExit(f"method {cfg.method.name} does not reconstruct: use method=brecq, qdrop or mgrq")
-    pipeline.seed_everything(int(cfg.seed))
+    pipeline.seed_everything(settings.seed)
     device = torch.device("cpu")
     results = ResultsFile(out / "results.json", {})
-    fp_model, bundle = pipeline.build(cfg, results, job, device)
-    calibrated, images = pipeline.quantize_and_calibrate(fp_model, bundle, cfg, job, results, device)
+    fp_model, bundle = pipeline.build(settings, results, device)
+    calibrated, images = pipeline.quantize_and_calibrate(fp_model, bundle, settings, results, device)
     for parameter in [*fp_model.parameters(), *calibrated.parameters()]:
         parameter.requires_grad_(False)
 
     fp_units = model_units(fp_model)
-    batch = job.recon.batch_size
+    batch = method.recon.batch_size
     x_q, x_fp = images, images
     for quant_unit, fp_unit in zip(model_units(calibrated)[: args.unit], fp_units[: args.unit], strict=True):
         x_q, x_fp = batched(quant_unit, x_q, batch), batched(fp_unit, x_fp, batch)
-    logits = fp_logits(fp_units, images, job.losses, batch)
-    print(f"{cfg.model.name} {cfg.method.name} W{cfg.quant.w_bits}A{cfg.quant.a_bits} seed {cfg.seed}, "
+    supervision = Supervision.create(fp_units, images, method.recon, method.losses)
+    print(f"{settings.model.name} {method.name} W{method.quant.w_bits}A{method.quant.a_bits} seed {settings.seed}, "
           f"unit {args.unit} ({fp_units[args.unit].name}), {args.threads} thread(s)")  # fmt: skip
 
     for budget in args.budgets:
         lr, iters, *rest = budget.split(":")
-        recon = dataclasses.replace(job.recon, weight_lr=float(lr), iters=int(iters))
-        losses = dataclasses.replace(job.losses, round_weight=float(rest[0])) if rest else job.losses
+        recon = dataclasses.replace(method.recon, weight_lr=float(lr), iters=int(iters))
+        losses = dataclasses.replace(method.losses, round_weight=float(rest[0])) if rest else method.losses
         unit = model_units(copy.deepcopy(calibrated))[args.unit]
-        points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 else []
-        output, layers = fp_outputs(unit, x_fp, points, batch, losses.local_dtype)
-        remainder = fp_remainder(fp_units, args.unit, losses.global_distance == "mse_feature")
-        optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, logits), points, recon, losses)
-        generator = torch.Generator().manual_seed(int(cfg.seed))
+        optimizer = UnitOptimizer.for_unit(
+            unit, args.unit, x_fp, dataclasses.replace(supervision, recon=recon, losses=losses)
+        )
+        generator = torch.Generator().manual_seed(settings.seed)
         start = time.perf_counter()
         for step in range(recon.iters):
             optimizer.step(step, x_q, x_fp, generator)

@@ -304,7 +304,7 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     assert parse_markdown(summary_markdown(from_older)) == parse_markdown(text)
     weights = {(r.method, r.setting): (r.global_weight, r.local_weight) for r in from_older if r.seed == 0}
     assert weights[("mgrq", "W4A4")] == (1.0, 1.0) and weights[("mgrq (λG=1, λL=0)", "W4A4")] == (1.0, 0.0)
-    assert weights[("qdrop", "W3A3")] == (0.0, 0.0)  # the loss-weight grid's (0, 0) corner (method.md section 6)
+    assert weights[("qdrop", "W3A3")] == (0.0, 0.0)  # the loss-weight grid's (0, 0) corner (docs/method.md section 6)
 
     new = tmp_path / "new"
     write_run(new, "proxy_vit", "repq", 4, 1, 89.40)

@@ -5,7 +5,15 @@ import itertools
 import pytest
 
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.run import quant_settings, recon_settings
+from mgrq_runner.settings import MethodSettings, parse_settings
+
+
+def method_of(cfg) -> MethodSettings:
+    """The method's parsed settings (every setting of the job checked on the way)."""
+    method = parse_settings(cfg).method
+    assert method is not None
+    return method
+
 
 MODELS = ["deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "proxy_vit", "proxy_swin"]
 QUANTS = ["w3a3", "w4a4", "w6a6", "w8a8"]
@@ -19,9 +27,9 @@ def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str)
     proxy = model.startswith("proxy_")
     assert cfg.data.name == ("fashion_mnist" if proxy else "imagenet")
     assert cfg.model.name == model if proxy else "." in cfg.model.name, "ImageNet presets pin a weight tag"
-    if method != "fp":
-        quant_settings(cfg)
-    recon, losses = recon_settings(cfg)
+    parsed = method_of(cfg)
+    assert (parsed.quant is None) == (method == "fp")
+    recon, losses = parsed.recon, parsed.losses
     if method in ("brecq", "qdrop", "mgrq"):
         assert recon.iters == (1000 if proxy else 20_000)
         assert recon.quant_prob == (1.0 if method == "brecq" else 0.5)
@@ -33,8 +41,8 @@ def test_every_preset_composes(compose_cfg, model: str, quant: str, method: str)
 def test_any_bits_by_override_and_imagenet_root_from_env(compose_cfg, monkeypatch) -> None:
     monkeypatch.setenv("IMAGENET_ROOT", "/data/imagenet")
     cfg = compose_cfg("model=deit_s", "quant.w_bits=3", "quant.a_bits=4")
-    quant, _ = quant_settings(cfg)
-    assert (quant.w_bits, quant.a_bits) == (3, 4)
+    quant = method_of(cfg).quant
+    assert quant is not None and (quant.w_bits, quant.a_bits) == (3, 4)
     assert cfg.data.root == "/data/imagenet"
     assert compose_cfg("model=deit_s", "data.root=/elsewhere").data.root == "/elsewhere"
 
@@ -42,14 +50,14 @@ def test_any_bits_by_override_and_imagenet_root_from_env(compose_cfg, monkeypatc
 @pytest.mark.parametrize("override", ["quant.w_bits=1", "quant.a_bits=9", "quant.input_bits=0"])
 def test_bits_out_of_range(compose_cfg, override: str) -> None:
     with pytest.raises(ConfigError, match=r"outside 2\.\.8"):
-        quant_settings(compose_cfg(override))
+        method_of(compose_cfg(override))
 
 
 def test_bad_init_settings(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="search"):
-        quant_settings(compose_cfg("method.init.search=kl"))
+        method_of(compose_cfg("method.init.search=kl"))
     with pytest.raises(ConfigError, match="softmax"):
-        quant_settings(compose_cfg("method.init.softmax_quantizer=linear"))
+        method_of(compose_cfg("method.init.softmax_quantizer=linear"))
 
 
 @pytest.mark.parametrize(
@@ -67,10 +75,10 @@ def test_bad_init_settings(compose_cfg) -> None:
 )
 def test_bad_reconstruction_settings(compose_cfg, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        recon_settings(compose_cfg("method=mgrq", override))
+        method_of(compose_cfg("method=mgrq", override))
 
 
 def test_loss_weight_sweep_expands(compose_cfg) -> None:
     cfg = compose_cfg("method=mgrq", "method.loss.global_weight=10", "method.loss.local_weight=0.1")
-    _, losses = recon_settings(cfg)
-    assert (losses.global_weight, losses.local_weight) == (10.0, 0.1)
+    losses = method_of(cfg).losses
+    assert losses is not None and (losses.global_weight, losses.local_weight) == (10.0, 0.1)

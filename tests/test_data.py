@@ -1,10 +1,10 @@
 """Data sets: the fixed wnid map, Fashion-MNIST files, calibration sampling and the errors for bad data."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mgrq_runner.data import (
     ImageNetFolder,
@@ -16,6 +16,7 @@ from mgrq_runner.data import (
 )
 from mgrq_runner.errors import ConfigError, DataError
 from mgrq_runner.models import create_proxy_model
+from mgrq_runner.settings import DataSettings
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 
@@ -69,19 +70,7 @@ def test_imagenet_bundle_uses_model_preprocessing(imagenet_tree: Path) -> None:
     import timm
 
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    cfg = OmegaConf.create(
-        {
-            "name": "imagenet",
-            "root": str(imagenet_tree),
-            "calib_transform": "eval",
-            "num_eval": None,
-            "img_size": None,
-            "crop_pct": None,
-            "interpolation": None,
-            "mean": None,
-            "std": None,
-        }
-    )
+    cfg = DataSettings(name="imagenet", root=str(imagenet_tree))
     bundle = build_data(cfg, model, num_calib=4, seed=0)
     image, _ = bundle.evaluation[0]
     assert image.shape == (3, 224, 224) and len(bundle.calibration) == 4
@@ -89,22 +78,20 @@ def test_imagenet_bundle_uses_model_preprocessing(imagenet_tree: Path) -> None:
     with pytest.raises(DataError, match="holds only 6"):
         build_data(cfg, model, num_calib=7, seed=0)
     with pytest.raises(DataError, match="no ImageNet root given"):
-        build_data(OmegaConf.merge(cfg, {"root": None}), model, num_calib=4, seed=0)
-    heldout = build_data(OmegaConf.merge(cfg, {"eval_split": "heldout", "heldout_size": 2}), model, 3, seed=0)
+        build_data(replace(cfg, root=None), model, num_calib=4, seed=0)
+    heldout = build_data(replace(cfg, eval_split="heldout", heldout_size=2), model, 3, seed=0)
     heldout_paths = {heldout.evaluation.dataset.samples[i][0] for i in heldout.evaluation.indices}
     assert len(heldout_paths) == 2 and all("/train/" in path for path in heldout_paths)
     assert not heldout_paths & set(heldout.calibration_ids)
     with pytest.raises(DataError, match="heldout_size=4 but the train split has 3 images besides"):
-        build_data(OmegaConf.merge(cfg, {"eval_split": "heldout", "heldout_size": 4}), model, 3, seed=0)
+        build_data(replace(cfg, eval_split="heldout", heldout_size=4), model, 3, seed=0)
     with pytest.raises(ConfigError, match="data.eval_split='test'"):
-        build_data(OmegaConf.merge(cfg, {"eval_split": "test"}), model, 3, seed=0)
+        DataSettings.parse({"name": "imagenet", "root": str(imagenet_tree), "eval_split": "test"})
 
 
 @needs_fashion_mnist
 def test_fashion_mnist_heldout_slice_is_train_outside_calibration() -> None:
-    cfg = OmegaConf.create(
-        {"name": "fashion_mnist", "root": str(FASHION_MNIST_ROOT), "eval_split": "heldout", "heldout_size": 500}
-    )
+    cfg = DataSettings(name="fashion_mnist", root=str(FASHION_MNIST_ROOT), eval_split="heldout", heldout_size=500)
     model = create_proxy_model()
     train_images = load_fashion_mnist(FASHION_MNIST_ROOT, "train").tensors[0]
     bundles = [build_data(cfg, model, num_calib=64, seed=seed) for seed in (0, 0, 1)]

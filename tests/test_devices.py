@@ -8,7 +8,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from mgrq_runner.devices import CPU_CORES, cpu_threads, machine_description
-from mgrq_runner.run import launcher_jobs
+from mgrq_runner.settings import launcher_jobs
 
 
 def test_requested_threads_win() -> None:

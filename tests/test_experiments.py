@@ -11,7 +11,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from mgrq_runner.run import quant_settings, recon_settings
+from mgrq_runner.settings import parse_settings
 from tests.conftest import compose_config
 
 IMAGENET_MODELS = {"vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b"}
@@ -30,9 +30,9 @@ def expand(experiment: str) -> list[list[str]]:
 
 def job_summary(experiment: str, job: list[str]) -> tuple:
     cfg = _compose(f"experiment={experiment}", *job)
-    if cfg.method.name != "fp":
-        quant_settings(cfg)  # every job's settings validate
-    recon, losses = recon_settings(cfg)
+    method = parse_settings(cfg).method  # every job's settings validate
+    assert method is not None
+    losses = method.losses
     weights = (losses.global_weight, losses.local_weight) if losses else (0.0, 0.0)
     return (cfg.model.preset, cfg.method.name, cfg.quant.w_bits, cfg.quant.a_bits, *weights, int(cfg.seed))
 

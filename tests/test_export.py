@@ -14,8 +14,9 @@ from torch import nn
 
 import mgrq_runner.run as run_module
 from mgrq_runner.data import load_fashion_mnist
+from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.export import export_quantized, file_sha256, load_quantized
+from mgrq_runner.files import file_sha256
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate

@@ -23,6 +23,7 @@ from mgrq_runner.errors import ConfigError, DataError, ModelError
 from mgrq_runner.evaluate import evaluate
 from mgrq_runner.models import create_model, create_proxy_model
 from mgrq_runner.run import run
+from mgrq_runner.settings import DataSettings, ModelSettings
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "fashion_mnist_to_folder.py"
@@ -55,9 +56,11 @@ def test_folder_images_and_calibration_equal_the_built_in_path(fmnist_tree: Path
     model = create_proxy_model()
     entries = folder_list.read_text().split()
     folder_overrides = ("data=folder", f"data.root={fmnist_tree}", "data.workers=0")
-    folder_cfg = compose_config(tmp_path / "run", *folder_overrides).data
+    folder_cfg = DataSettings.parse(compose_config(tmp_path / "run", *folder_overrides).data)
     folder = build_data(folder_cfg, model, 8, 0, entries)
-    built_in = build_data(compose_config(tmp_path / "run").data, model, 8, 0, [f"train[{i}]" for i in chosen])
+    built_in = build_data(
+        DataSettings.parse(compose_config(tmp_path / "run").data), model, 8, 0, [f"train[{i}]" for i in chosen]
+    )
 
     assert folder.num_classes == 10 and folder.class_names[0] == "T-shirt_top"  # classes.txt's order, not sorted
     assert [_index(p) for p in folder.calibration_ids] == chosen and built_in.calibration_ids[0] == "train[17]"
@@ -117,7 +120,7 @@ def test_own_model_and_folder_through_the_pipeline(tmp_path: Path) -> None:
     spelling, a grey and an RGBA image): calibration, mgrq with 2 iterations per unit, evaluation."""
     root = _rgb_tree(tmp_path / "pets", ("train", "validation"))
     random_cfg = compose_config(tmp_path / "unused", *TINY_VIT, "model.pretrained=false")
-    model = create_model(random_cfg.model)
+    model = create_model(ModelSettings.parse(random_cfg.model))
     checkpoint = tmp_path / "finetuned.safetensors"
     save_file(model.state_dict(), str(checkpoint))
     overrides = (*TINY_VIT, f"model.checkpoint={checkpoint}", "data=folder", f"data.root={root}", "data.workers=0")
@@ -165,7 +168,9 @@ def test_class_count_mismatch_names_both_numbers(tmp_path: Path) -> None:
 def test_folder_errors(tmp_path: Path, damage, message: str) -> None:
     root = _rgb_tree(tmp_path / "pets")
     damage(root)
-    cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    cfg = DataSettings.parse(
+        compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    )
     with pytest.raises(DataError, match=message):
         bundle = build_data(cfg, create_proxy_model(pretrained=False), 12, 0)
         [bundle.calibration[i] for i in range(len(bundle.calibration))]  # noqa: B018 (decodes every image)
@@ -173,7 +178,9 @@ def test_folder_errors(tmp_path: Path, damage, message: str) -> None:
 
 def test_calibration_list_errors(tmp_path: Path) -> None:
     root = _rgb_tree(tmp_path / "pets")
-    cfg = compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    cfg = DataSettings.parse(
+        compose_config(tmp_path / "run", "data=folder", f"data.root={root}", "data.workers=0").data
+    )
     model = create_proxy_model(pretrained=False)
     with pytest.raises(DataError, match=r"line 2: 'train/cat/77.png' is not an image of the train split"):
         build_data(cfg, model, 2, 0, ["train/cat/0.png", "train/cat/77.png"])
@@ -196,36 +203,38 @@ def test_calibration_list_errors(tmp_path: Path) -> None:
 
 
 def test_model_kwargs_must_be_a_mapping(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="model.kwargs=5 is not a mapping"):
-        create_model(compose_config(tmp_path, "model.kwargs=5").model)
+    with pytest.raises(ConfigError, match="model.kwargs=5 is not a mapping"):
+        create_model(ModelSettings.parse(compose_config(tmp_path, "model.kwargs=5").model))
 
 
 def test_a_checkpoint_for_another_input_size_and_its_own_preprocessing(tmp_path: Path) -> None:
     """Position embeddings trained at 32 px are resized by timm's filter for a 48 px model; a timm config.json
     beside the checkpoint sets the preprocessing (its mean and std reach the transform)."""
-    trained = create_model(compose_config(tmp_path / "a", *TINY_VIT, "model.pretrained=false").model)
+    trained = create_model(
+        ModelSettings.parse(compose_config(tmp_path / "a", *TINY_VIT, "model.pretrained=false").model)
+    )
     folder = tmp_path / "finetuned"
     folder.mkdir()
     save_file(trained.state_dict(), str(folder / "model.safetensors"))
     (folder / "config.json").write_text('{"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}}')
     overrides = [o if o != "model.img_size=32" else "model.img_size=48" for o in TINY_VIT]
     cfg = compose_config(tmp_path / "b", *overrides, f"model.checkpoint={folder / 'model.safetensors'}")
-    model = create_model(cfg.model)
+    model = create_model(ModelSettings.parse(cfg.model))
     assert model.pos_embed.shape[1] == 1 + (48 // 8) ** 2 and trained.pos_embed.shape[1] == 1 + (32 // 8) ** 2
     assert torch.equal(model.cls_token, trained.cls_token)  # the rest of the weights as trained
-    data_config = resolved_data_config(model, cfg.data)
+    data_config = resolved_data_config(model, DataSettings.parse(cfg.data))
     assert data_config["mean"] == (0.1, 0.2, 0.3) and data_config["input_size"] == (3, 48, 48)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="is not a timm config"):
-        create_model(cfg.model)
+        create_model(ModelSettings.parse(cfg.model))
 
 
 HUB_MODEL = """
 import sys
 import torch
-from omegaconf import OmegaConf
 from mgrq_runner.models import create_model
-model = create_model(OmegaConf.create({"name": "hf-hub:me/tiny", "pretrained": True, "checkpoint": None}))
+from mgrq_runner.settings import ModelSettings
+model = create_model(ModelSettings.parse({"name": "hf-hub:me/tiny", "pretrained": True, "checkpoint": None}))
 expected = torch.load(sys.argv[1])
 same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 print(model.num_classes, same, model.pretrained_cfg["mean"])
@@ -268,7 +277,7 @@ def test_a_deeper_proxy_with_its_own_checkpoint(tmp_path: Path) -> None:
     cfg = compose_config(
         tmp_path / "run", "model.kwargs={depth:6}", f"model.checkpoint={tmp_path / 'deeper.safetensors'}"
     )
-    model = create_model(cfg.model)
+    model = create_model(ModelSettings.parse(cfg.model))
     assert len(model.blocks) == 6 and torch.equal(model.blocks[5].mlp.fc2.weight, deeper.blocks[5].mlp.fc2.weight)
     with pytest.raises(ModelError, match=r"do not fit proxy_vit with \{'depth': 6\}.*Fix: model.checkpoint="):
-        create_model(compose_config(tmp_path / "run", "model.kwargs={depth:6}").model)
+        create_model(ModelSettings.parse(compose_config(tmp_path / "run", "model.kwargs={depth:6}").model))

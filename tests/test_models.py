@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mgrq_runner.errors import ModelError
 from mgrq_runner.models import create_model, load_state_dict
+from mgrq_runner.settings import ModelSettings
 
 
-def model_cfg(name: str, pretrained: bool = False, checkpoint: str | None = None):
-    return OmegaConf.create({"name": name, "pretrained": pretrained, "checkpoint": checkpoint})
+def model_cfg(name: str, pretrained: bool = False, checkpoint: str | None = None) -> ModelSettings:
+    return ModelSettings.parse({"name": name, "pretrained": pretrained, "checkpoint": checkpoint})
 
 
 def test_unknown_and_unsupported_names() -> None:

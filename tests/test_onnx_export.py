@@ -11,15 +11,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, deploy_model, export_onnx, integer_kernels
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.export import EXPORT_MANIFEST
 from mgrq_runner.models import create_proxy_model
-from mgrq_runner.onnx_export import OnnxRuntimeModel, deploy_model, export_onnx, integer_kernels
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.quant.quantizers import UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound
 from mgrq_runner.run import run
+from mgrq_runner.rundir import EXPORT_MANIFEST
 from tests.conftest import compose_config, needs_fashion_mnist
 from tests.recon.test_families import FAMILIES
 

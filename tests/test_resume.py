@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.errors import ConfigError, NumericalError
-from mgrq_runner.recon import StepCallback, UnitOptimizer
+from mgrq_runner.recon.curves import StepCallback
+from mgrq_runner.recon.optimizer import UnitOptimizer
 from mgrq_runner.recon.state import MANIFEST
 from mgrq_runner.run import run
 from mgrq_runner.rundir import RECON_STATE

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.run import run
 from mgrq_runner.rundir import locked
-from mgrq_runner.validate import check_overrides
+from mgrq_runner.settings import check_overrides
 from tests.conftest import compose_config, needs_fashion_mnist
 
 SMOKE = ("debug=smoke", "data.num_eval=100")
@@ -57,29 +58,42 @@ def test_invented_keys_are_refused_with_the_close_one(tmp_path: Path) -> None:
 
 
 def test_concurrent_atomic_writes_never_leave_a_broken_file(tmp_path: Path) -> None:
-    """Writers in several processes, a reader in this one: every read parses (unique temporary names)."""
-    path = tmp_path / "results.json"
-    write_text_atomic(path, json.dumps({"n": -1}))
+    """Writers in several processes, a reader in this one: every read parses (unique temporary names). The writers
+    write until told to stop, and the reader stops them only once it has read every writer's output at least once:
+    the reads overlap the writes however fast or slow the machine is."""
+    path, stop = tmp_path / "results.json", tmp_path / "stop"
+    write_text_atomic(path, json.dumps({"writer": -1}))
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom mgrq_runner.files import write_text_atomic\n"
-        "for i in range(200):\n    write_text_atomic(Path(sys.argv[1]), json.dumps({'n': i, 'pad': 'x' * 50000}))\n"
+        "path, stop, me = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])\n"
+        "while not stop.exists():\n    write_text_atomic(path, json.dumps({'writer': me, 'pad': 'x' * 50000}))\n"
     )
-    writers = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(3)]
-    reads = 0
-    while any(w.poll() is None for w in writers):
-        json.loads(path.read_text())
-        reads += 1
-    assert all(w.wait() == 0 for w in writers) and reads > 0
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path), str(stop), str(k)]) for k in range(3)]
+    seen, reads = set(), 0
+    try:
+        while seen != {0, 1, 2} or reads < 200:
+            seen.add(json.loads(path.read_text())["writer"])  # a torn file would not parse
+            reads += 1
+            assert all(w.poll() is None for w in writers), "a writer died"
+    finally:
+        stop.touch()
+    assert all(w.wait(timeout=60) == 0 for w in writers)
     assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
 
 
-def mgrq_run(*args: str, multirun: bool = False) -> subprocess.Popen:
+def mgrq_run(
+    *args: str, multirun: bool = False, default_signal: int | None = None, stderr: Any = subprocess.PIPE
+) -> subprocess.Popen:
+    """``mgrq-run`` in a child process; ``default_signal``: that signal's disposition reset to the default in the
+    child, whatever the test's launcher gave it (``nohup`` or a background job starts with SIGINT ignored)."""
     flags = ["--multirun"] if multirun else []
+    reset = None if default_signal is None else functools.partial(signal.signal, default_signal, signal.SIG_DFL)
     return subprocess.Popen(
         [sys.executable, "-m", "mgrq_runner.cli", *flags, "progress=false", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
+        preexec_fn=reset,  # noqa: PLW1509 (a signal reset only, nothing that could deadlock)
     )
 
 
@@ -104,19 +118,20 @@ def test_a_signal_ends_the_run_resumably(tmp_path: Path, signum: signal.Signals)
     interrupted and lists the finished units, the curves so far are saved; resume=true finishes the run."""
     run_dir = tmp_path / "run"
     args = ("method=mgrq", "method.recon.iters=60", *SMOKE, f"hydra.run.dir={run_dir}")
-    job = mgrq_run(*args)
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr_file:
+        job = mgrq_run(*args, default_signal=signum, stderr=stderr_file)
     results_path = run_dir / "results.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.5)
-        try:
-            finished = json.loads(results_path.read_text()).get("resumable", {}).get("finished_units", [])
-        except (OSError, json.JSONDecodeError):
-            finished = []
-        if len(finished) >= 2:
+    assert job.stdout is not None
+    finished_units = 0
+    for line in job.stdout:  # the engine logs a unit after saving it: signal once two are saved
+        finished_units += "[mgrq_runner.recon.engine][INFO] - unit " in line
+        if finished_units == 2:
             break
+    assert finished_units == 2, "the run ended before two units were finished"
     os.kill(job.pid, signum)
-    _, stderr = job.communicate(timeout=120)
+    job.communicate(timeout=120)
+    stderr = errors.read_text()
     assert job.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr and f"interrupted by {signum.name}" in stderr
     partial = json.loads(results_path.read_text())

@@ -25,26 +25,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mgrq_runner import console
 from mgrq_runner.errors import Interrupted, MgrqError, error_message
-from mgrq_runner.results import ResultsFile, common_fields
+from mgrq_runner.presets import CONFIG_DIR
+from mgrq_runner.results import record_early_failure
 from mgrq_runner.run import run
 from mgrq_runner.rundir import RESULTS, results_path
-from mgrq_runner.validate import check_overrides
+from mgrq_runner.settings import check_overrides
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 ORIGINAL = "original"  # .hydra/original/: the Hydra files of the run that owns the directory
-# results.json fields of a job refused before it started, and where its config holds them
-EARLY_FIELDS = {
-    "model": "model.name",
-    "preset": "model.preset",
-    "method": "method.name",
-    "w_bits": "quant.w_bits",
-    "a_bits": "quant.a_bits",
-    "seed": "seed",
-}
 log = logging.getLogger("mgrq_runner")
 
 
@@ -60,23 +51,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def record_early_failure(cfg: DictConfig, overrides: list[str], err: MgrqError) -> None:
-    """A failure before the run wrote its own results.json still leaves one: a sweep and collect list the job."""
-    path = results_path(cfg.output_dir)
-    if path.exists():  # the run's own record (it says failed), or an earlier run's that must stay
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: dict[str, Any] = {"overrides": overrides}
-    for key, where in EARLY_FIELDS.items():
-        fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
-    try:
-        fields.update(common_fields(cfg, path.parent))
-    except Exception:  # the config is what failed: keep what could be read
-        pass
-    error = f"{type(err).__name__}: {error_message(err)}"
-    ResultsFile(path, fields).update(status="failed", error=error)  # type: ignore[arg-type]
 
 
 class HydraFiles:

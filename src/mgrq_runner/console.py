@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -20,9 +20,11 @@ from rich.progress import (
 from rich.table import Table
 
 from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, converged
-from mgrq_runner.recon.curves import StepCallback
-from mgrq_runner.recon.projection import Projection
 from mgrq_runner.rundir import results_path
+
+if TYPE_CHECKING:
+    from mgrq_runner.recon.curves import StepCallback
+    from mgrq_runner.recon.projection import Projection
 
 T = TypeVar("T")
 console = Console(stderr=True)

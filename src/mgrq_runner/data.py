@@ -11,16 +11,19 @@ import gzip
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from mgrq_runner.errors import ConfigError, DataError
+from mgrq_runner.errors import DataError
+
+if TYPE_CHECKING:
+    from mgrq_runner.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -307,25 +310,27 @@ def resolve_imagenet_root(root: str | None) -> Path:
     return path
 
 
-def resolved_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict[str, Any]:
-    """timm's preprocessing config for ``model`` (input size, crop_pct, interpolation, mean, std); config values
-    that are not ``None`` override the model's own."""
+def resolved_data_config(model: torch.nn.Module, data: DataSettings) -> dict[str, Any]:
+    """timm's preprocessing config for ``model`` (input size, crop_pct, interpolation, mean, std); the data
+    settings that are not ``None`` override the model's own."""
     from timm.data import resolve_data_config
 
     overrides: dict[str, Any] = {
-        k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if data_cfg.get(k) is not None
+        key: getattr(data, key)
+        for key in ("interpolation", "crop_pct", "mean", "std")
+        if getattr(data, key) is not None
     }
-    if data_cfg.get("img_size") is not None:
+    if data.img_size is not None:
         channels = resolve_data_config({}, model=model)["input_size"][0]
-        overrides["input_size"] = (channels, int(data_cfg.img_size), int(data_cfg.img_size))
+        overrides["input_size"] = (channels, data.img_size, data.img_size)
     return dict(resolve_data_config(overrides, model=model))
 
 
-def create_transform(model: torch.nn.Module, data_cfg: DictConfig, training: bool = False) -> Any:
+def create_transform(model: torch.nn.Module, data: DataSettings, training: bool = False) -> Any:
     """timm's transform for the preprocessing ``resolved_data_config`` gives."""
     from timm.data import create_transform as timm_create_transform
 
-    return timm_create_transform(**resolved_data_config(model, data_cfg), is_training=training)
+    return timm_create_transform(**resolved_data_config(model, data), is_training=training)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -356,7 +361,7 @@ def read_calibration_list(path: str | Path) -> list[str]:
     return entries
 
 
-def listed_subset(train: Dataset, keys: list[str], entries: list[str], key_of: Any) -> tuple[Subset, list[int]]:
+def listed_subset(train: Dataset, keys: list[str], entries: Sequence[str], key_of: Any) -> tuple[Subset, list[int]]:
     """The train images ``entries`` name, in the list's order: ``key_of(entry)`` must equal one of ``keys`` (one
     per train image)."""
     position = {key: i for i, key in enumerate(keys)}
@@ -405,57 +410,47 @@ def heldout_subset(train: Dataset, size: int, calibration: list[int]) -> Subset:
 
 
 def build_data(
-    data_cfg: DictConfig, model: torch.nn.Module, num_calib: int, seed: int, calib_list: list[str] | None = None
+    data: DataSettings, model: torch.nn.Module, num_calib: int, seed: int, calib_list: Sequence[str] | None = None
 ) -> DataBundle:
-    """Builds the calibration and evaluation sets named by ``data_cfg`` for ``model``.
+    """Builds the calibration and evaluation sets named by ``data`` for ``model``.
 
     Calibration: ``num_calib`` train images drawn with ``seed``, or exactly the images of ``calib_list``
     (``read_calibration_list``), in its order. ``data.eval_split``: ``val`` evaluates on the data set's evaluation
     split (ImageNet val, Fashion-MNIST test, a folder's val/); ``heldout`` on ``data.heldout_size`` train images
     outside the calibration set (for tuning loss weights).
     """
-    eval_split = data_cfg.get("eval_split", "val")
-    if eval_split not in ("val", "heldout"):
-        raise ConfigError(f"data.eval_split={eval_split!r}. Fix: val (the evaluation split) or heldout (tuning).")
+    heldout = data.eval_split == "heldout"
     class_names = None
-    if data_cfg.name == "fashion_mnist":
-        download_dir = data_cfg.get("download_dir")
-        train: Dataset = load_fashion_mnist(data_cfg.root, "train", download_dir)
-        evaluation: Dataset = (
-            train if eval_split == "heldout" else load_fashion_mnist(data_cfg.root, "test", download_dir)
-        )
+    if data.name == "fashion_mnist":
+        train: Dataset = load_fashion_mnist(data.root, "train", data.download_dir)
+        evaluation: Dataset = train if heldout else load_fashion_mnist(data.root, "test", data.download_dir)
         train_keys, key_of = lambda: [f"train[{i}]" for i in range(len(train))], _fashion_key  # type: ignore[arg-type]
         num_classes = 10
-    elif data_cfg.name in ("imagenet", "folder"):
-        calib_transform = create_transform(model, data_cfg, training=data_cfg.calib_transform == "train")
-        eval_transform = create_transform(model, data_cfg)
-        if data_cfg.name == "imagenet":
-            root = resolve_imagenet_root(data_cfg.root)
+    else:
+        calib_transform = create_transform(model, data, training=data.calib_transform == "train")
+        eval_transform = create_transform(model, data)
+        if data.name == "imagenet":
+            root = resolve_imagenet_root(data.root)
             train = ImageNetFolder(root, "train", calib_transform)
-            evaluation = ImageNetFolder(root, "train" if eval_split == "heldout" else "val", eval_transform)
+            evaluation = ImageNetFolder(root, "train" if heldout else "val", eval_transform)
             num_classes = 1000
         else:
-            root = resolve_folder_root(data_cfg.root)
+            root = resolve_folder_root(data.root)
             class_names = folder_classes(root)
-            mode = "L" if resolved_data_config(model, data_cfg)["input_size"][0] == 1 else "RGB"
+            mode = "L" if resolved_data_config(model, data)["input_size"][0] == 1 else "RGB"
             train = ImageFolder(root, "train", class_names, calib_transform, mode)
-            split = "train" if eval_split == "heldout" else "val"
-            evaluation = ImageFolder(root, split, class_names, eval_transform, mode)
+            evaluation = ImageFolder(root, "train" if heldout else "val", class_names, eval_transform, mode)
             num_classes = len(class_names)
         train_keys, key_of = lambda: [os.path.realpath(path) for path, _ in train.samples], _path_key(root)
-    else:
-        raise DataError(f"unknown data set {data_cfg.name!r}. Fix: data=imagenet, data=folder or data=fashion_mnist.")
     if calib_list is None:
         calibration, indices = seeded_subset(train, num_calib, seed, "calib.num_images")
     else:
         calibration, indices = listed_subset(train, train_keys(), calib_list, key_of)  # keys only when listed
-    ids = (
-        [f"train[{i}]" for i in indices] if data_cfg.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
-    )
-    if eval_split == "heldout":
-        evaluation = heldout_subset(evaluation, int(data_cfg.heldout_size), indices)
-    if data_cfg.get("num_eval") is not None:
-        evaluation, _ = seeded_subset(evaluation, int(data_cfg.num_eval), seed, "data.num_eval")
+    ids = [f"train[{i}]" for i in indices] if data.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
+    if heldout:
+        evaluation = heldout_subset(evaluation, data.heldout_size, indices)
+    if data.num_eval is not None:
+        evaluation, _ = seeded_subset(evaluation, data.num_eval, seed, "data.num_eval")
     return DataBundle(calibration, evaluation, ids, num_classes, class_names)
 
 

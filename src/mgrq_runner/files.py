@@ -1,13 +1,17 @@
-"""What runs write: files replaced atomically (a crash mid-write keeps the previous one), tensors as CPU copies."""
+"""What runs write: files replaced atomically (a crash mid-write keeps the previous one), tensors as CPU copies,
+and the checksums that tie a run dir's files to its records. No torch import: the collector uses it too."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -30,3 +34,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy (what safetensors stores)."""
     return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -6,14 +6,12 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
-from omegaconf import DictConfig
 from timm.layers import Attention
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -21,6 +19,9 @@ from torch import nn
 
 from mgrq_runner.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from mgrq_runner.errors import ModelError
+
+if TYPE_CHECKING:
+    from mgrq_runner.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -238,35 +239,29 @@ def _refuse_unsupported(name: str, model: nn.Module) -> None:
         )
 
 
-def create_model(model_cfg: DictConfig) -> torch.nn.Module:
-    """Builds the full-precision model named by ``model_cfg`` (in eval mode, on the CPU).
+def create_model(model: ModelSettings) -> torch.nn.Module:
+    """Builds the full-precision model ``model`` names (in eval mode, on the CPU).
 
-    ``model_cfg.name`` is a proxy (``PROXIES``) or a timm ``arch.tag`` of a supported structure
-    (``unsupported_part``). With ``pretrained`` the weights come from ``checkpoint`` if set, else from timm's hub
-    (network or local Hugging Face cache). ``num_classes``, ``img_size`` and ``kwargs`` (when set) go to the
-    constructor: a fine-tuned checkpoint's head and resolution, or a fresh head on hub weights.
+    ``model.name`` is a proxy (``PROXIES``) or a timm ``arch.tag`` of a supported structure (``unsupported_part``).
+    With ``pretrained`` the weights come from ``checkpoint`` if set, else from timm's hub (network or local Hugging
+    Face cache). ``num_classes``, ``img_size`` and ``kwargs`` (when set) go to the constructor: a fine-tuned
+    checkpoint's head and resolution, or a fresh head on hub weights.
     """
-    name = str(model_cfg.name)
-    kwargs = constructor_kwargs(model_cfg)
+    name = model.name
+    kwargs = constructor_kwargs(model)
     if name in PROXIES:
-        return create_proxy_model(
-            name,
-            bool(model_cfg.pretrained),
-            model_cfg.get("checkpoint"),
-            bool(model_cfg.get("checkpoint_ema", False)),
-            **kwargs,
-        ).eval()
+        return create_proxy_model(name, model.pretrained, model.checkpoint, model.checkpoint_ema, **kwargs).eval()
     _check_architecture(name, kwargs)
-    if "." not in name and ":" not in name and model_cfg.pretrained and not model_cfg.get("checkpoint"):
+    if "." not in name and ":" not in name and model.pretrained and not model.checkpoint:
         log.warning(
             "model %s has no weight tag: timm resolves it to its current default weights, which may "
-            "not be the ones the papers used (see method.md section 7)",
+            "not be the ones the papers used (see docs/method.md section 7)",
             name,
         )
-    checkpoint = model_cfg.get("checkpoint")
-    load_hub = bool(model_cfg.pretrained) and not checkpoint
+    checkpoint = model.checkpoint
+    load_hub = model.pretrained and not checkpoint
     try:
-        model = timm.create_model(name, pretrained=load_hub, **kwargs)
+        network = timm.create_model(name, pretrained=load_hub, **kwargs)
     except TypeError as err:
         raise ModelError(
             f"{name} does not take the constructor arguments {kwargs}: {err}. Fix: check model.kwargs, "
@@ -280,15 +275,15 @@ def create_model(model_cfg: DictConfig) -> torch.nn.Module:
             f"model.pretrained=false for random weights."
         ) from err
     if checkpoint:  # a local file wins over model.pretrained
-        load_checkpoint(model, name, checkpoint, bool(model_cfg.get("checkpoint_ema", False)))
-    _refuse_unsupported(name, model)
+        load_checkpoint(network, name, checkpoint, model.checkpoint_ema)
+    _refuse_unsupported(name, network)
     if checkpoint:
-        model.pretrained_cfg = {**model.pretrained_cfg, **checkpoint_preprocessing(Path(checkpoint))}
+        network.pretrained_cfg = {**network.pretrained_cfg, **checkpoint_preprocessing(Path(checkpoint))}
     if "img_size" in kwargs:  # timm keeps the registry's input size in pretrained_cfg: preprocessing reads it
         size = int(kwargs["img_size"])
-        channels = model.pretrained_cfg["input_size"][0]
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, size, size)}
-    return model.eval()
+        channels = network.pretrained_cfg["input_size"][0]
+        network.pretrained_cfg = {**network.pretrained_cfg, "input_size": (channels, size, size)}
+    return network.eval()
 
 
 def load_checkpoint(model: nn.Module, name: str, checkpoint: str, ema: bool) -> None:
@@ -337,14 +332,11 @@ def checkpoint_preprocessing(checkpoint: Path) -> dict[str, Any]:
     return found
 
 
-def constructor_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+def constructor_kwargs(model: ModelSettings) -> dict[str, Any]:
     """``model.kwargs`` with ``model.num_classes`` and ``model.img_size`` (when set) on top: what the model's
     constructor is given besides the architecture's defaults."""
-    given = model_cfg.get("kwargs")
-    if given is not None and not isinstance(given, Mapping):
-        raise ModelError(f"model.kwargs={given!r} is not a mapping. Fix: model.kwargs={{name:value,...}}.")
-    kwargs = dict(given or {})
+    kwargs = dict(model.kwargs or {})
     for key in ("num_classes", "img_size"):
-        if model_cfg.get(key) is not None:
-            kwargs[key] = int(model_cfg[key])
+        if getattr(model, key) is not None:
+            kwargs[key] = int(getattr(model, key))
     return kwargs

@@ -1,4 +1,9 @@
-"""A run's ``results.json``: the fields every run records, per-stage wall times and status, written atomically."""
+"""A run's ``results.json``, end to end: its schema (``Results``), the builders of its fields, the record of a job
+refused before it started, and the writer (``ResultsFile``: atomic, rewritten after every change).
+
+No torch import at module level: ``analysis`` reads the schema without loading a model's libraries; the builders
+that describe a model or a machine import what they need when called.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,120 @@ import logging
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-import hydra
-import omegaconf
-import timm
-import torch
-import torchvision
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import __version__
-from mgrq_runner.devices import machine_description
+from mgrq_runner.errors import MgrqError, error_message
 from mgrq_runner.files import write_text_atomic
-from mgrq_runner.rundir import Results
+from mgrq_runner.presets import preset_values
+from mgrq_runner.rundir import results_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from mgrq_runner.evaluate import EvalResult
+    from mgrq_runner.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
 
+class Results(TypedDict, total=False):
+    """The schema of ``results.json``: what the runner writes and ``analysis.runs`` reads back."""
+
+    # what ran
+    mode: str  # absent for mode=run; "eval" for the evaluation of an export
+    checkpoint: str  # mode=eval: the exported run dir
+    model: str  # timm arch.tag or proxy name
+    preset: str | None  # the model preset (e.g. deit_s); tables are keyed by it
+    method: str  # fp | minmax | repq | brecq | qdrop | mgrq
+    method_defaults: dict[str, float]  # the method preset's own loss weights and QDrop p (presets.LABEL_KEYS)
+    w_bits: int  # 32 for fp
+    a_bits: int
+    dataset: str
+    eval_split: str  # val | heldout (tuning on train images)
+    seed: int
+    config: dict[str, Any]  # the resolved Hydra config
+    overrides: list[str]  # a job that failed before it started: its command-line overrides
+    # where and with what
+    run_dir: str
+    started: str
+    finished: str
+    versions: dict[str, str]
+    git_sha: str | None
+    threads: int  # torch CPU threads: float reductions depend on it
+    machine: str  # the CPU (model, vector instructions, cores): float results depend on it too
+    device: str
+    gpu: str  # a CUDA run: the GPU's name
+    # progress
+    status: str  # running | done | failed | interrupted | projected (dry_run=true)
+    error: str  # failed: the error's type and message
+    times: dict[str, float]  # seconds per stage
+    resumable: dict[str, Any]  # while reconstructing: finished units and their state dir
+    resumed_units: list[str]  # a resumed run: the units restored from an interrupted one
+    # the model (timm results-CSV columns)
+    param_count: float  # millions
+    img_size: int
+    crop_pct: float | None
+    interpolation: str | None
+    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds
+    reconstruction: list[dict[str, Any]]
+    export: dict[str, Any]  # export=true: file paths and sizes
+    projection: dict[str, Any]  # dry_run=true: projected seconds (in all, per unit), peak memory
+    # scores
+    top1: float
+    top5: float
+    top1_err: float
+    top5_err: float
+    fp_top1: float | None
+    fp_top5: float | None
+    fp_agreement: float | None  # share of evaluation images whose top-1 class equals the FP model's
+    agreement_with_simulation: float  # eval.runtime=onnxruntime: top-1 equal to the simulated model's, share
+    onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph
+    num_calib: int
+    num_eval: int
+    throughput: dict[str, float]  # images per second, per evaluated model
+
+
+class ResultsFile:
+    """The run's ``results.json`` (``Results``): written after every change, with per-stage wall times."""
+
+    def __init__(self, path: Path, fields: Results) -> None:
+        self.path = path
+        self.data: Results = {**fields, "status": "running", "times": {}}
+        self.write()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)  # type: ignore[typeddict-item]
+        self.write()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage %s", name)
+        start = time.perf_counter()
+        yield
+        self.data["times"][name] = round(time.perf_counter() - start, 3)
+        self.write()
+
+    def write(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- field builders
+
+
 def library_versions() -> dict[str, str]:
+    import hydra
+    import omegaconf
+    import timm
+    import torch
+    import torchvision
+
     return {
         "mgrq_runner": __version__,
         "python": platform.python_version(),
@@ -62,36 +159,16 @@ def git_revision() -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
-class ResultsFile:
-    """The run's ``results.json`` (``Results``): written after every change, with per-stage wall times."""
-
-    def __init__(self, path: Path, fields: Results) -> None:
-        self.path = path
-        self.data: Results = {**fields, "status": "running", "times": {}}
-        self.write()
-
-    def update(self, **fields: Any) -> None:
-        self.data.update(fields)  # type: ignore[typeddict-item]
-        self.write()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        log.info("stage %s", name)
-        start = time.perf_counter()
-        yield
-        self.data["times"][name] = round(time.perf_counter() - start, 3)
-        self.write()
-
-    def write(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
-
-
-def common_fields(cfg: DictConfig, run_dir: Path) -> Results:
+def common_fields(dataset: str, eval_split: str, seed: int, run_dir: Path) -> Results:
     """results.json fields every kind of run starts with."""
+    import torch
+
+    from mgrq_runner.devices import machine_description
+
     return {
-        "dataset": str(cfg.data.name),
-        "eval_split": str(cfg.data.get("eval_split", "val")),
-        "seed": int(cfg.seed),
+        "dataset": dataset,
+        "eval_split": eval_split,
+        "seed": seed,
         "run_dir": str(run_dir),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
@@ -99,3 +176,121 @@ def common_fields(cfg: DictConfig, run_dir: Path) -> Results:
         "threads": torch.get_num_threads(),  # CPU float reductions depend on it: keep it fixed across a table
         "machine": machine_description(),  # and on the CPU: mgrq-collect flags tables that mix machines
     }
+
+
+def run_fields(settings: RunSettings) -> Results:
+    """The first fields of a ``mode=run`` job's results.json: what runs, where, with what."""
+    assert settings.method is not None
+    quant = settings.method.quant
+    return {
+        "model": settings.model.name,
+        "preset": settings.model.preset,
+        "method": settings.method.name,
+        "method_defaults": preset_values(settings.method.name),
+        "w_bits": quant.w_bits if quant else 32,
+        "a_bits": quant.a_bits if quant else 32,
+        **common_fields(settings.data.name, settings.data.eval_split, settings.seed, settings.run_dir),
+        "config": dict(settings.config),
+    }
+
+
+def eval_fields(settings: RunSettings, manifest: Mapping[str, Any]) -> Results:
+    """The first fields of a ``mode=eval`` job's results.json: the export it scores, from its manifest."""
+    return {
+        "mode": "eval",
+        "checkpoint": str(settings.checkpoint),
+        "model": manifest["model"]["name"],
+        "preset": manifest["model"].get("preset"),
+        "method": manifest["method"],
+        "w_bits": manifest["w_bits"],
+        "a_bits": manifest["a_bits"],
+        **common_fields(settings.data.name, settings.data.eval_split, settings.seed, settings.run_dir),
+        "config": dict(settings.config),
+    }
+
+
+def model_fields(model: torch.nn.Module, preprocessing: Mapping[str, Any], device: torch.device) -> Results:
+    """Size and preprocessing of the evaluated model (timm results-CSV columns), and the device."""
+    import torch
+
+    return {
+        "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "img_size": preprocessing["input_size"][-1],
+        "crop_pct": preprocessing.get("crop_pct"),
+        "interpolation": preprocessing.get("interpolation"),
+        "device": str(device),
+        **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+    }
+
+
+def score_fields(scores: Mapping[str, EvalResult]) -> Results:
+    """The final fields: the last model's scores are the run's, the FP model's beside them when it was scored."""
+    quant, fp = list(scores.values())[-1], scores.get("fp")
+    return {
+        "status": "done",
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "top1": round(quant.top1, 3),
+        "top5": round(quant.top5, 3),
+        "top1_err": round(100 - quant.top1, 3),
+        "top5_err": round(100 - quant.top5, 3),
+        "fp_top1": round(fp.top1, 3) if fp is not None else None,
+        "fp_top5": round(fp.top5, 3) if fp is not None else None,
+        "num_eval": quant.num_images,
+        "throughput": {name: round(score.images_per_second, 1) for name, score in scores.items()},
+        "fp_agreement": round(quant.agreement, 5) if fp is not None else None,  # no FP model in an export
+    }
+
+
+def export_info(settings: RunSettings) -> dict[str, Any]:
+    """The run's description in an export manifest."""
+    import dataclasses
+
+    method, calib = settings.method, settings.calib
+    assert method is not None and method.quant is not None and method.init is not None and calib is not None
+    return {
+        "model": dict(settings.model.record),
+        "arch": settings.model.name.split(".")[0],
+        "method": method.name,
+        "w_bits": method.quant.w_bits,
+        "a_bits": method.quant.a_bits,
+        "quant_config": dataclasses.asdict(method.quant),
+        "reparam": bool(method.init.reparam),
+        "dataset": settings.data.name,
+        "num_calib": calib.num_images,
+        "seed": settings.seed,
+        "source_run_dir": str(settings.run_dir),
+        "versions": library_versions(),
+        "git_sha": git_revision(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- refused jobs
+
+# results.json fields of a job refused before it started, and where its config holds them
+EARLY_FIELDS = {
+    "model": "model.name",
+    "preset": "model.preset",
+    "method": "method.name",
+    "w_bits": "quant.w_bits",
+    "a_bits": "quant.a_bits",
+    "seed": "seed",
+}
+
+
+def record_early_failure(cfg: DictConfig, overrides: list[str], err: MgrqError) -> None:
+    """A job refused before it wrote its own results.json still leaves one, read from the raw config (the
+    settings could not be parsed): a sweep and ``mgrq-collect`` list the job."""
+    path = results_path(cfg.output_dir)
+    if path.exists():  # the run's own record (it says failed), or an earlier run's that must stay
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: dict[str, Any] = {"overrides": overrides}
+    for key, where in EARLY_FIELDS.items():
+        fields[key] = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
+    try:
+        data = cfg.data
+        fields.update(common_fields(str(data.name), str(data.get("eval_split", "val")), int(cfg.seed), path.parent))
+    except Exception:  # the config is what failed: keep what could be read
+        pass
+    error = f"{type(err).__name__}: {error_message(err)}"
+    ResultsFile(path, fields).update(status="failed", error=error)  # type: ignore[arg-type]

@@ -9,10 +9,11 @@ from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_, set_quantization
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon import LossConfig, ReconConfig, UnitOptimizer, reconstruct
 from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
+from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.convergence import converged
-from mgrq_runner.recon.engine import fp_remainder
+from mgrq_runner.recon.engine import reconstruct
+from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
 from mgrq_runner.recon.units import model_units, run_units
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
@@ -46,13 +47,11 @@ def test_global_and_local_terms(proxy) -> None:
     with torch.no_grad():
         x_fp = run_units(fp_units[:index], images)
         logits = fp_model(images)
-    points = capture_points(unit.module, LossConfig().local_layers)
-    assert len(points) == 4, "qkv, proj, fc1, fc2"
-    output, layers = fp_outputs(unit, x_fp, points, batch=32)
-    targets = UnitTargets(output, layers, logits)
+    supervision = Supervision(fp_units, logits, ReconConfig(quant_prob=1.0), LossConfig())
+    optimizer = UnitOptimizer.for_unit(unit, index, x_fp, supervision)
+    assert len(optimizer.points) == 4, "qkv, proj, fc1, fc2"
+    assert optimizer.remainder is not None and optimizer.targets.logits is logits
     idx = torch.arange(32)
-    remainder = fp_remainder(fp_units, index, pre_logits=False)
-    optimizer = UnitOptimizer(unit, remainder, targets, points, ReconConfig(quant_prob=1.0), LossConfig())
     roundings, scales = optimizer.roundings, optimizer.scales
 
     set_quantization(unit.module, False)

@@ -12,8 +12,9 @@ from timm.models.vision_transformer import VisionTransformer
 from mgrq_runner.models import unsupported_part
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon import LOCAL_POINTS, LossConfig, ReconConfig, reconstruct
 from mgrq_runner.recon.cache import capture_points, fp_outputs
+from mgrq_runner.recon.config import LOCAL_POINTS, LossConfig, ReconConfig
+from mgrq_runner.recon.engine import reconstruct
 from mgrq_runner.recon.units import model_units
 
 TINY = dict(img_size=32, in_chans=3, num_classes=5)

@@ -1,4 +1,4 @@
-"""Loss fusion (method.md section 5): the baselines' objective is exactly theirs; new terms keep its scale."""
+"""Loss fusion (docs/method.md section 5): the baselines' objective is exactly theirs; new terms keep its scale."""
 
 import pytest
 import torch

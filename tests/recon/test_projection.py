@@ -6,7 +6,7 @@ import torch
 from mgrq_runner.analysis.runs import load_runs
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.quant.api import quant_layers
-from mgrq_runner.recon import LossConfig, ReconConfig
+from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.projection import project, sampled_units
 from mgrq_runner.recon.units import model_units
 from mgrq_runner.run import run

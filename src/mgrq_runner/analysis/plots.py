@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.analysis.runs import DEFAULT_QUANT_PROB, FP_LABEL, RunRow
+from mgrq_runner.analysis.runs import FP_LABEL, RunRow
 from mgrq_runner.analysis.tables import mean_std, method_key, model_key, setting_key
 from mgrq_runner.rundir import RECON_CURVES
 
@@ -90,7 +90,8 @@ def plot_loss_grid(records: Sequence[RunRow], path: str | Path) -> Path:
         # qdrop is mgrq with both weights 0 (same reconstruction, block loss only): the grid's (0, 0) corner.
         # Runs at another QDrop p (mgrq on BRECQ's base) are another reconstruction: not in the grid.
         grid_method = r.method_name in ("mgrq", "qdrop")
-        if grid_method and r.quant_prob in (None, DEFAULT_QUANT_PROB[r.method_name]) and r.done and r.top1 is not None:
+        preset_p = (r.method_defaults or {}).get("recon.quant_prob")
+        if grid_method and r.quant_prob in (None, preset_p) and r.done and r.top1 is not None:
             g = 1.0 if r.global_weight is None else r.global_weight
             loc = 1.0 if r.local_weight is None else r.local_weight
             cells[(r.model, r.setting)][(g, loc)].append(r.top1)

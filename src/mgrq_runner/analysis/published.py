@@ -1,12 +1,12 @@
 """Published ImageNet top-1 (%) of the methods this runner compares with, as rows beside measured tables.
 
-Source: ``shared/method.md`` beside this repository (section 8 and, for the FP32 references of the pinned timm
-weights, section 7).
+Source: the papers, as listed with their tables in ``docs/method.md`` (section 8; section 7 for the FP32 references
+of the pinned timm weights).
 """
 
 from __future__ import annotations
 
-# From method.md section 8: the W4A4 table, the Swin-T RepQ-ViT W4A4 number given under it, the W3A3 FIMA-Q and
+# From docs/method.md section 8: the W4A4 table, the Swin-T RepQ-ViT W4A4 number given under it, the W3A3 FIMA-Q and
 # LS-ViT lines, GLF-Q's mean of 3 seeds at W3A3 and W4A4; and section 7: the FP32 references.
 # Keyed by setting; the "FP" entry is shown in every table that has ImageNet model columns.
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {

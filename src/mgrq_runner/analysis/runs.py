@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mgrq_runner.presets import preset_values
 from mgrq_runner.recon.convergence import unconverged_units
-from mgrq_runner.rundir import RESULTS, Results
+from mgrq_runner.results import Results
+from mgrq_runner.rundir import RESULTS
 
 FP_LABEL = "FP"
 UNKNOWN = "?"
@@ -27,11 +29,6 @@ RUNS_CSV_COLUMNS = (
 # Written since 2026-12-02 (quant_prob and machine since 2026-12-03); read when present (older
 # files: inferred from the labels, ``parse_label``; the machine stays unknown).
 EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob", "machine")
-# The loss weights of the methods whose label does not carry them (method.md section 6).
-LABEL_LOSS_WEIGHTS = {"mgrq": (1.0, 1.0), "qdrop": (0.0, 0.0), "brecq": (0.0, 0.0)}
-DEFAULT_LOSS_WEIGHTS = {"global_weight": 1.0, "local_weight": 1.0}
-# QDrop's p (method.recon.quant_prob) of each reconstruction preset; a run with another p gets it in its label.
-DEFAULT_QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "mgrq": 0.5}
 
 
 @dataclass
@@ -62,6 +59,7 @@ class RunRow:
     provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
     machine: str | None = None  # the CPU (and a CUDA run's GPU) as results.json records it; None: older runs
     unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
+    method_defaults: dict[str, float] | None = None  # its method preset's own label settings (presets.LABEL_KEYS)
 
     @property
     def done(self) -> bool:
@@ -106,17 +104,23 @@ def setting_of(method: str, w_bits: Any, a_bits: Any) -> str:
 
 
 def method_label(
-    method: str, global_weight: float | None, local_weight: float | None, quant_prob: float | None = None
+    method: str,
+    global_weight: float | None,
+    local_weight: float | None,
+    quant_prob: float | None = None,
+    defaults: dict[str, float] | None = None,
 ) -> str:
-    """The row label: the method name, with the loss weights of an mgrq run off the defaults and QDrop's p of a
-    reconstruction off its preset's (``mgrq (λG=0, λL=1)``, ``mgrq (p=1)``: mgrq on BRECQ's base, no drop)."""
+    """The row label: the method name, with the loss weights and QDrop's p where the run changed them from its
+    method preset's ``defaults`` (``mgrq (λG=0, λL=1)``; ``mgrq (p=1)``: mgrq on BRECQ's base, no drop). Without
+    ``defaults`` (an older record) the preset as it is now counts (``presets.preset_values``)."""
+    defaults = preset_values(method) if defaults is None else defaults
+    weights = {"loss.global_weight": global_weight, "loss.local_weight": local_weight}
     parts = []
-    weights = {"global_weight": global_weight, "local_weight": local_weight}
-    if method == "mgrq" and any(w is not None and w != DEFAULT_LOSS_WEIGHTS[k] for k, w in weights.items()):
-        g = DEFAULT_LOSS_WEIGHTS["global_weight"] if global_weight is None else global_weight
-        lw = DEFAULT_LOSS_WEIGHTS["local_weight"] if local_weight is None else local_weight
-        parts += [f"λG={compact(g)}", f"λL={compact(lw)}"]
-    if quant_prob is not None and quant_prob != DEFAULT_QUANT_PROB.get(method, quant_prob):
+    if any(w is not None and w != defaults.get(key, w) for key, w in weights.items()):
+        g = defaults.get("loss.global_weight") if global_weight is None else global_weight
+        lw = defaults.get("loss.local_weight") if local_weight is None else local_weight
+        parts += [f"λG={compact(g)}" if g is not None else "λG=?", f"λL={compact(lw)}" if lw is not None else "λL=?"]
+    if quant_prob is not None and quant_prob != defaults.get("recon.quant_prob", quant_prob):
         parts.append(f"p={compact(quant_prob)}")
     return f"{method} ({', '.join(parts)})" if parts else method
 
@@ -177,9 +181,11 @@ def load_run(path: str | Path) -> RunRow:
     provenance += f" @ {results['git_sha']}" if results.get("git_sha") else ""
     model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
     reconstruction = results.get("reconstruction")
+    recorded = results.get("method_defaults")
+    defaults = recorded if isinstance(recorded, dict) else preset_values(method)  # older records: the preset now
     return RunRow(
         model=str(model),
-        method=method_label(method, global_weight, local_weight, quant_prob),
+        method=method_label(method, global_weight, local_weight, quant_prob, defaults),
         method_name=method,
         setting=setting,
         seed=seed if isinstance(seed, int) else None,
@@ -199,6 +205,7 @@ def load_run(path: str | Path) -> RunRow:
         provenance=provenance or None,
         machine=" + ".join(str(results[k]) for k in ("machine", "gpu") if results.get(k)) or None,
         unconverged=unconverged_units(reconstruction) if isinstance(reconstruction, list) else None,
+        method_defaults=defaults,
     )
 
 
@@ -257,13 +264,16 @@ def read_runs_csv(path: Path) -> list[RunRow]:
                 run_dir=line["run_dir"],
                 global_weight=global_weight,
                 local_weight=local_weight,
-                quant_prob=_float(line.get("quant_prob") or args.get("p") or DEFAULT_QUANT_PROB.get(name)),
+                quant_prob=_float(
+                    line.get("quant_prob") or args.get("p") or preset_values(name).get("recon.quant_prob")
+                ),
                 w_bits=int(bits["w"]) if bits else None,
                 a_bits=int(bits["a"]) if bits else None,
                 error=line["error"] or None,
                 provenance=line.get("provenance") or None,
                 machine=line.get("machine") or None,
                 unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
+                method_defaults=preset_values(name),
             )
         )
     return rows
@@ -279,9 +289,10 @@ def parse_label(label: str) -> tuple[str, dict[str, str]]:
 
 
 def _loss_weights(line: dict[str, str], name: str, args: dict[str, str]) -> tuple[float | None, float | None]:
-    """A runs.csv line's loss weights: its columns, else its label's, else its method's (or None)."""
+    """A runs.csv line's loss weights: its columns, else its label's, else its method preset's (or None)."""
     if line.get("global_weight") or line.get("local_weight"):
         return _float(line.get("global_weight") or None), _float(line.get("local_weight") or None)
     if "λG" in args and "λL" in args:
         return float(args["λG"]), float(args["λL"])
-    return LABEL_LOSS_WEIGHTS.get(name, (None, None))
+    defaults = preset_values(name)
+    return defaults.get("loss.global_weight"), defaults.get("loss.local_weight")

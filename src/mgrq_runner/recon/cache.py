@@ -1,4 +1,5 @@
-"""What a unit is optimised towards, computed once per unit: the FP output and the FP layer outputs for IBLS.
+"""What a unit is optimised towards, computed once per unit: the FP output and the FP layer outputs for IBLS;
+and once per reconstruction, the FP logits (or pre-head features) of every calibration image for EBGS.
 
 The targets are cached for every calibration image on the model's device and indexed by image; tensors that Swin's
 window attention computes on ``[images x windows, ...]`` are regrouped per image first (``per_image``).
@@ -6,6 +7,7 @@ window attention computes on ``[images x windows, ...]`` are regrouped per image
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from torch import nn
 from mgrq_runner.quant.api import quant_layers, set_quantization
 from mgrq_runner.quant.modules import QuantMatMul
 from mgrq_runner.recon.losses import block_loss
-from mgrq_runner.recon.units import Unit
+from mgrq_runner.recon.units import Unit, run_remainder
 
 CapturePoint = tuple[nn.Module, str]  # a module and whether its "input" or "output" is recorded
 
@@ -48,6 +50,11 @@ def _gather(chunks: Iterator[torch.Tensor], total: int) -> torch.Tensor:
         out[done : done + chunk.shape[0]] = chunk
         done += chunk.shape[0]
     return out
+
+
+def fp_logits(fp_units: list[Unit], images: torch.Tensor, pre_logits: bool, batch: int) -> torch.Tensor:
+    """EBGS's targets: the FP model's logits (or pre-head features, ``pre_logits``) of every image."""
+    return batched(functools.partial(run_remainder, fp_units, pre_logits), images, batch)
 
 
 def capture_points(unit: nn.Module, names: tuple[str, ...]) -> list[CapturePoint]:

@@ -34,7 +34,7 @@ def check_types(settings: Any, prefix: str) -> None:
 
 @dataclass(frozen=True)
 class ReconConfig:
-    """Optimisation settings of every unit (method.md section 2)."""
+    """Optimisation settings of every unit (docs/method.md section 2)."""
 
     iters: int = 20_000
     batch_size: int = 32
@@ -58,7 +58,7 @@ class ReconConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss terms and their fusion (method.md sections 3 to 5); a zero weight switches a term off."""
+    """Loss terms and their fusion (docs/method.md sections 3 to 5); a zero weight switches a term off."""
 
     global_weight: float = 1.0
     local_weight: float = 1.0

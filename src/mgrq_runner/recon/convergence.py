@@ -1,4 +1,4 @@
-"""The convergence criterion of a reconstructed unit (method.md section 5), shared by the runner and the collector.
+"""The convergence criterion of a reconstructed unit (docs/method.md section 5), shared by the runner and the collector.
 
 The engine reports, per unit, ``block_soft`` and ``block_hard`` (the block loss on the calibration set just before
 and just after hardening the rounding) and ``undecided`` (the share of rounding variables with 0.01 < h(V) < 0.99).

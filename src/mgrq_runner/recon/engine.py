@@ -2,13 +2,12 @@
 
 For unit i: its quantized-prefix input ``X_q`` and FP input ``X_fp`` are cached; the FP output ``O`` and the FP
 layer outputs (for IBLS) come from the same unit with quantization off, fed ``X_fp`` (``recon.cache``). The unit
-is optimised and hardened (``recon.optimizer.UnitOptimizer``); then ``X_q`` moves on through it and ``X_fp``
-becomes ``O``.
+is optimised and hardened (``recon.optimizer.UnitOptimizer``, set up by ``UnitOptimizer.for_unit``); then ``X_q``
+moves on through it and ``X_fp`` becomes ``O``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -18,12 +17,12 @@ from typing import Any
 import torch
 
 from mgrq_runner.quant.api import quant_layers
-from mgrq_runner.recon.cache import UnitTargets, batched, capture_points, fp_outputs
+from mgrq_runner.recon.cache import batched, fp_outputs
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.curves import StepCallback
-from mgrq_runner.recon.optimizer import Remainder, UnitOptimizer, harden_unit, prepare_unit
+from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer, harden_unit, prepare_unit
 from mgrq_runner.recon.state import ReconState
-from mgrq_runner.recon.units import Unit, model_units, run_units
+from mgrq_runner.recon.units import Unit, model_units
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,7 @@ def reconstruct(
     for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
         parameter.requires_grad_(False)  # only AdaRound variables and step sizes learn, one unit at a time
     generator = torch.Generator(device=images.device).manual_seed(seed)  # draws on the device: no copies
-    batch = recon.batch_size
-    pre_logits = losses.global_distance == "mse_feature"
-    logits = fp_logits(fp_units, images, losses, batch)
+    supervision = Supervision.create(fp_units, images, recon, losses)
 
     x_q, x_fp = images, images
     reports = []
@@ -77,20 +74,20 @@ def reconstruct(
     for index, unit in enumerate(quant_units):
         start = time.perf_counter()
         restored = index < finished
-        points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 and not restored else []
-        output, layers = fp_outputs(unit, x_fp, points, batch, losses.local_dtype)
         final: dict[str, float] = {}
         seconds = None
-        if restored:
-            assert state is not None
-            seconds, final = _restore_unit(unit, index, state, recon, generator)
-        elif any(True for _ in quant_layers(unit.module)):
-            remainder = fp_remainder(fp_units, index, pre_logits)
-            optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, logits), points, recon, losses)
+        if restored or not any(True for _ in quant_layers(unit.module)):
+            output, _ = fp_outputs(unit, x_fp, [], recon.batch_size)
+            if restored:
+                assert state is not None
+                seconds, final = _restore_unit(unit, index, state, recon, generator)
+        else:
+            optimizer = UnitOptimizer.for_unit(unit, index, x_fp, supervision)
+            output = optimizer.targets.output
             final = _optimize(optimizer, x_q, x_fp, generator, on_step)
         for _, layer in quant_layers(unit.module):
             layer.freeze()
-        x_q, x_fp = batched(unit, x_q, batch), output
+        x_q, x_fp = batched(unit, x_q, recon.batch_size), output
         reports.append(UnitReport(unit.name, time.perf_counter() - start if seconds is None else seconds, final))
         if state is not None and not restored:
             state.save(index, unit.name, unit.module, reports[-1].seconds, final, generator)
@@ -119,28 +116,6 @@ def _optimize(
         if on_step is not None and (step % 10 == 0 or step == iters - 1):
             on_step(name, step, {k: v.item() for k, v in terms.items()}, iters)
     return {k: v.item() for k, v in terms.items()} | optimizer.harden(x_q)
-
-
-def fp_logits(fp_units: list[Unit], images: torch.Tensor, losses: LossConfig, batch: int) -> torch.Tensor | None:
-    """EBGS's targets: the FP model's logits (or pre-head features) of every image; None when EBGS is off."""
-    if losses.global_weight == 0:
-        return None
-    pre_logits = losses.global_distance == "mse_feature"
-    return batched(functools.partial(_run_remainder, fp_units, pre_logits), images, batch)
-
-
-def fp_remainder(fp_units: list[Unit], index: int, pre_logits: bool) -> Remainder | None:
-    """EBGS's frozen FP remainder after unit ``index``: its output -> logits (or the pre-head feature with
-    ``pre_logits``); None for the head, whose own output already is the logits."""
-    if index == len(fp_units) - 1:
-        return None
-    return functools.partial(_run_remainder, fp_units[index + 1 :], pre_logits)
-
-
-def _run_remainder(fp_units: list[Unit], pre_logits: bool, x: torch.Tensor) -> torch.Tensor:
-    """FP ``fp_units`` (the last one the head) applied to ``x``: logits, or the pre-head feature."""
-    x = run_units(fp_units[:-1], x)
-    return fp_units[-1].module(x, pre_logits=pre_logits)
 
 
 def _restore_unit(

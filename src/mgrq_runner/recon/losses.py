@@ -70,7 +70,7 @@ FUSION_MODES = ("block_mean", "normalized", "raw")
 
 @dataclass
 class LossFusion:
-    """Mixed granularity loss fusion (method.md section 5), one of ``FUSION_MODES``:
+    """Mixed granularity loss fusion (docs/method.md section 5), one of ``FUSION_MODES``:
 
     - ``block_mean`` (default): ``(L_B + wG c_G L_G + wL c_L L_L) / (1 + wG + wL) + wR L_R`` with
       ``c_X = L_B0 / L_X0``. With ``wG = wL = 0`` it is exactly BRECQ's and QDrop's ``L_B + wR L_R``; with the new

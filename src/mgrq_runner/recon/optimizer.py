@@ -1,11 +1,13 @@
 """The optimisation of one unit (OBWR): prepare it, step on the fused loss, harden it and report convergence.
 
-``UnitOptimizer`` is what the engine runs for every unit, and what a benchmark or a test drives step by step.
+``UnitOptimizer`` is what the engine runs for every unit, and what a benchmark or a test drives step by step;
+``UnitOptimizer.for_unit`` sets one up from what the whole reconstruction shares (``Supervision``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,14 +17,41 @@ from mgrq_runner.quant.api import activation_quantizers, quant_layers
 from mgrq_runner.quant.primitives import random_mask
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound, rounding_beta
-from mgrq_runner.recon.cache import CapturePoint, UnitTargets, calibration_block_loss, capture, per_image
+from mgrq_runner.recon.cache import (
+    CapturePoint,
+    UnitTargets,
+    calibration_block_loss,
+    capture,
+    capture_points,
+    fp_logits,
+    fp_outputs,
+    per_image,
+)
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.losses import block_loss, global_loss, local_loss
-from mgrq_runner.recon.units import Unit
+from mgrq_runner.recon.units import Unit, fp_remainder
 
 # The unit's output pushed through the frozen FP rest of the model: logits (or the pre-head feature). None for
 # the head, whose own output already is the logits.
 Remainder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What every unit's optimiser of one reconstruction shares: the FP model's units (EBGS's remainder after each
+    unit), the FP logits of every calibration image (None when EBGS is off) and the settings."""
+
+    fp_units: list[Unit]
+    logits: torch.Tensor | None
+    recon: ReconConfig
+    losses: LossConfig
+
+    @classmethod
+    def create(cls, fp_units: list[Unit], images: torch.Tensor, recon: ReconConfig, losses: LossConfig) -> Supervision:
+        """Caches the FP logits (or pre-head features) of ``images`` when the global term is on."""
+        pre_logits = losses.global_distance == "mse_feature"
+        logits = fp_logits(fp_units, images, pre_logits, recon.batch_size) if losses.global_weight > 0 else None
+        return cls(fp_units, logits, recon, losses)
 
 
 def pick(cache: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -104,6 +133,17 @@ class UnitOptimizer:
             else None
         )
 
+    @classmethod
+    def for_unit(cls, unit: Unit, index: int, x_fp: torch.Tensor, supervision: Supervision) -> UnitOptimizer:
+        """The optimiser of quantized ``unit`` (the ``index``-th), its FP targets cached from its FP input ``x_fp``:
+        the output and, with IBLS on, the layer tensors; EBGS's frozen remainder after it."""
+        recon, losses = supervision.recon, supervision.losses
+        points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 else []
+        output, layers = fp_outputs(unit, x_fp, points, recon.batch_size, losses.local_dtype)
+        remainder = fp_remainder(supervision.fp_units, index, losses.global_distance == "mse_feature")
+        targets = UnitTargets(output, layers, supervision.logits)
+        return cls(unit, remainder, targets, points, recon, losses)
+
     def loss_terms(self, inputs: torch.Tensor, images: torch.Tensor, with_global: bool) -> dict[str, torch.Tensor]:
         """Block, global (EBGS) and local (IBLS) terms of one mini-batch: ``inputs`` of calibration ``images``."""
         with capture(self.points) as captured:
@@ -149,7 +189,7 @@ class UnitOptimizer:
         return {k: v.detach() for k, v in terms.items()}
 
     def harden(self, x_q: torch.Tensor) -> dict[str, float]:
-        """Hardens the unit and reports its convergence (method.md section 5, ``recon.convergence``).
+        """Hardens the unit and reports its convergence (docs/method.md section 5, ``recon.convergence``).
 
         ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized input, no
         QDrop) just before and just after hardening; ``undecided`` is the fraction of rounding variables with

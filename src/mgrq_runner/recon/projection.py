@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from mgrq_runner.quant.api import quant_layers
-from mgrq_runner.recon.cache import UnitTargets, batched, capture_points, fp_outputs
+from mgrq_runner.recon.cache import batched, fp_outputs
 from mgrq_runner.recon.config import LossConfig, ReconConfig
-from mgrq_runner.recon.engine import fp_logits, fp_remainder
-from mgrq_runner.recon.optimizer import UnitOptimizer
+from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
 from mgrq_runner.recon.units import Unit, model_units
 
 
@@ -104,9 +103,8 @@ def project(
     for parameter in requires_grad:
         parameter.requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(seed)
-    batch = recon.batch_size
     start = time.perf_counter()
-    logits = fp_logits(fp_units, images, losses, batch)
+    supervision = Supervision.create(fp_units, images, recon, losses)
     setup_seconds = time.perf_counter() - start
 
     sampled = sampled_units(len(quant_units))
@@ -114,9 +112,9 @@ def project(
     x_fp = images
     for index, unit in enumerate(quant_units):
         if index in sampled:
-            measured[index] = _time_unit(unit, fp_units, index, x_fp, logits, recon, losses, generator, steps)
+            measured[index] = _time_unit(unit, index, x_fp, supervision, generator, steps)
         if index < sampled[-1]:
-            x_fp = batched(fp_units[index], x_fp, batch)
+            x_fp = batched(fp_units[index], x_fp, recon.batch_size)
     for parameter, flag in requires_grad.items():
         parameter.requires_grad_(flag)
 
@@ -135,34 +133,25 @@ def project(
 
 
 def _time_unit(
-    unit: Unit,
-    fp_units: list[Unit],
-    index: int,
-    x_fp: torch.Tensor,
-    logits: torch.Tensor | None,
-    recon: ReconConfig,
-    losses: LossConfig,
-    generator: torch.Generator,
-    steps: int,
+    unit: Unit, index: int, x_fp: torch.Tensor, supervision: Supervision, generator: torch.Generator, steps: int
 ) -> tuple[float, float]:
     """A copy of ``unit`` set up, stepped and hardened as the engine does: (seconds per step, seconds of its
     passes over the calibration set). Its quantized input is stood in for by a copy of the FP one."""
     unit = Unit(unit.name, copy.deepcopy(unit.module))
     sync = torch.cuda.synchronize if x_fp.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    points = capture_points(unit.module, losses.local_layers) if losses.local_weight > 0 else []
-    output, layers = fp_outputs(unit, x_fp, points, recon.batch_size, losses.local_dtype)
+    if not any(True for _ in quant_layers(unit.module)):
+        fp_outputs(unit, x_fp, [], supervision.recon.batch_size)
+        sync()
+        return 0.0, 2 * (time.perf_counter() - start)  # the engine caches the targets and moves X_q on
+    optimizer = UnitOptimizer.for_unit(unit, index, x_fp, supervision)  # caches the targets: timed as a pass
     x_q = x_fp.clone()  # the engine holds X_q beside X_fp
     sync()
-    cache_seconds = time.perf_counter() - start
-    if not any(True for _ in quant_layers(unit.module)):
-        return 0.0, 2 * cache_seconds  # the engine caches the targets and moves X_q on
-    remainder = fp_remainder(fp_units, index, losses.global_distance == "mse_feature")
-    optimizer = UnitOptimizer(unit, remainder, UnitTargets(output, layers, logits), points, recon, losses)
-    middle = recon.iters // 2
+    setup_seconds = time.perf_counter() - start
+    middle = supervision.recon.iters // 2
     for step in range(middle - 2, middle):  # warm-up: allocations, first-call costs
         optimizer.step(step, x_q, x_fp, generator)
-    count = max(steps, losses.global_every)
+    count = max(steps, supervision.losses.global_every)
     sync()
     start = time.perf_counter()
     for step in range(middle, middle + count):
@@ -173,7 +162,7 @@ def _time_unit(
     optimizer.harden(x_q)  # two passes over the calibration set
     sync()
     harden_seconds = time.perf_counter() - start
-    return step_seconds, cache_seconds + 1.5 * harden_seconds  # + moving X_q on: one pass, as in hardening
+    return step_seconds, setup_seconds + 1.5 * harden_seconds  # + moving X_q on: one pass, as in hardening
 
 
 def _interpolate(measured: dict[int, tuple[float, float]], index: int) -> tuple[float, float]:

@@ -7,6 +7,8 @@ gives the frozen FP remainder used by the global supervision.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +80,17 @@ def run_units(units: list[Unit], x: torch.Tensor) -> torch.Tensor:
     for unit in units:
         x = unit(x)
     return x
+
+
+def fp_remainder(fp_units: list[Unit], index: int, pre_logits: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """EBGS's frozen FP remainder after unit ``index``: its output -> logits (or the pre-head feature with
+    ``pre_logits``); None for the head, whose own output already is the logits."""
+    if index == len(fp_units) - 1:
+        return None
+    return functools.partial(run_remainder, fp_units[index + 1 :], pre_logits)
+
+
+def run_remainder(fp_units: list[Unit], pre_logits: bool, x: torch.Tensor) -> torch.Tensor:
+    """FP ``fp_units`` (the last one the head) applied to ``x``: logits, or the pre-head feature."""
+    x = run_units(fp_units[:-1], x)
+    return fp_units[-1].module(x, pre_logits=pre_logits)

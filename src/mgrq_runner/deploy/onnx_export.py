@@ -30,30 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.export import file_sha256, weight_codes, weight_grid
-from mgrq_runner.files import write_atomic
+from mgrq_runner.errors import ModelError
+from mgrq_runner.files import file_sha256, write_atomic
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import activation_quantizers, quant_layers, quantizers, replace_module
+from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from mgrq_runner.rundir import ONNX_FILE
+from mgrq_runner.settings import require_deploy
 
-ONNX_FILE = "model.onnx"
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 INTEGER_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
 _UNSUPPORTED_FIX = "export a model quantized by this runner's quantize_ (QuantLinear, QuantConv2d, QuantMatMul)"
-DEPLOY_HINT = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
-
-
-def require_deploy() -> None:
-    """Raises ConfigError naming the install command when the deploy extra is missing."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"ONNX export and evaluation need {err.name}. Fix: {DEPLOY_HINT}.") from None
 
 
 # -- the two operators the exporter translates by hand ------------------------------------------------------------

@@ -16,63 +16,32 @@ Tensors are read from safetensors only: nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
+from mgrq_runner.files import cpu_copy, file_sha256, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
+from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
+from mgrq_runner.settings import ModelSettings
 
 FORMAT = "mgrq-quantized"
 FORMAT_VERSION = 1
 MANIFEST_KEYS = ("model", "method", "w_bits", "a_bits", "quant_config", "num_calib", "layers", "activation_quantizers")
 MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
-
-
-def weight_grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
-    if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on
-        return layer.rounding.scale, layer.rounding.zero_point
-    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    return layer.weight_quantizer.scale.reshape(shape), layer.weight_quantizer.zero_point.reshape(shape)
-
-
-@torch.no_grad()
-def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
-    """The integer codes (uint8) behind the layer's fake-quantized weight.
-
-    AdaRound layers: ``floor + 1[V >= 0] + zero_point``, clamped; others: ``quantize(weight)`` on the weight
-    quantizer's grid. Raises RuntimeError if the codes do not reproduce the weight the layer computes with.
-    """
-    bits = layer.weight_quantizer.bits
-    scale, zero_point = weight_grid(layer)
-    rounding = layer.rounding
-    if rounding is not None:
-        if not rounding.hard:
-            raise RuntimeError("AdaRound is not hardened: export after reconstruction has finished")
-        codes = torch.clamp(
-            rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, primitives.qmax(bits)
-        )
-    else:
-        codes = primitives.quantize(layer.weight, scale, zero_point, bits)
-    if not torch.equal(primitives.dequantize(codes, zero_point=zero_point, scale=scale), layer.quantized_weight()):
-        raise RuntimeError("the exported codes do not reproduce the layer's fake-quantized weight")
-    return codes.to(torch.uint8)
 
 
 def _quantizer_kind(quantizer: nn.Module) -> str:
@@ -118,14 +87,6 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         if key not in skip and ".rounding." not in key:
             tensors[key] = cpu_copy(value)
     return tensors, {"layers": layers, "activation_quantizers": activations}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def size_figures(model: nn.Module, layers: dict[str, Any], file_bytes: int) -> dict[str, float]:
@@ -305,8 +266,8 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     tensors = _read_tensors(run_dir, manifest.get("weights_sha256"))
-    model_cfg = OmegaConf.create({**manifest["model"], "pretrained": False, "checkpoint": None})
-    model = quantize_(create_model(model_cfg), QuantConfig(**manifest["quant_config"]))
+    model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
+    model = quantize_(create_model(model_settings), QuantConfig(**manifest["quant_config"]))
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
     if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
         raise _mismatch(run_dir, "its quantized layers differ from the manifest's")

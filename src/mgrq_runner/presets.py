@@ -1,0 +1,44 @@
+"""The method presets' own values, read from ``conf/method/<name>.yaml`` (its defaults chain followed) without
+composing a run. A run records them (results.json ``method_defaults``) so that its table label says only what it
+changed from its method's preset, as the preset stood when it ran. No torch import: the collector uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # absolute: the installed console script finds it
+# The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1).
+LABEL_KEYS = ("loss.global_weight", "loss.local_weight", "recon.quant_prob")
+
+
+@functools.cache
+def preset_values(method: str) -> dict[str, Any]:
+    """The ``LABEL_KEYS`` that method preset ``method`` sets (``{"loss.global_weight": 1.0, ...}``); empty for a
+    method with no such preset or no reconstruction."""
+    node = _load(method, depth=0)
+    if node is None:
+        return {}
+    values = {key: OmegaConf.select(node, key, default=None) for key in LABEL_KEYS}
+    return {
+        key: value for key, value in values.items() if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _load(method: str, depth: int) -> DictConfig | None:
+    """``conf/method/<method>.yaml`` merged with the presets its ``defaults`` list names (same group), in order."""
+    path = Path(CONFIG_DIR) / "method" / f"{method}.yaml"
+    if depth > 10 or not path.is_file():
+        return None
+    own = OmegaConf.load(path)
+    assert isinstance(own, DictConfig)
+    entries = list(own.pop("defaults", []))
+    merged = OmegaConf.create()
+    for entry in entries if "_self_" in entries else [*entries, "_self_"]:  # Hydra's order: _self_ where listed
+        part = own if entry == "_self_" else _load(str(entry), depth + 1)
+        merged = OmegaConf.merge(merged, part) if part is not None else merged
+    return merged  # type: ignore[return-value]

@@ -1,0 +1,465 @@
+"""The settings boundary: the composed Hydra config parsed and checked once, into frozen dataclasses.
+
+``parse_settings(cfg)`` is the only reader of the composed ``DictConfig``: it resolves it once into a plain dict
+(the record results.json keeps), checks every value, and returns a ``RunSettings`` that every stage takes instead
+of the config. Each problem is a ``ConfigError`` naming the key, the value and the fix. The method's own objects
+(``QuantConfig``, ``InitConfig``, ``ReconConfig``, ``LossConfig``) check their fields themselves; this module
+builds them and checks what belongs to the run, the model, the data, calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from mgrq_runner.data import read_calibration_list
+from mgrq_runner.devices import CPU_CORES
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.models import PROXIES
+from mgrq_runner.quant.api import QuantConfig
+from mgrq_runner.quant.calibrate import InitConfig
+from mgrq_runner.recon.config import LossConfig, ReconConfig
+from mgrq_runner.resume import list_sha256, resume_target
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|claim|cuda(:\d+)?)$")
+EVAL_BACKENDS = ("auto", "gloo", "nccl")
+EVAL_RUNTIMES = ("torch", "onnxruntime")
+EVAL_SPLITS = ("val", "heldout")
+DATA_SETS = ("fashion_mnist", "imagenet", "folder")
+DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+DEPLOY_HINT = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
+
+
+# ---------------------------------------------------------------------------------------------- the objects
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which FP model to build (``models.create_model``).
+
+    Attributes:
+        name: a proxy name or a timm ``arch.tag`` (``hf-hub:``/``local-dir:`` names too).
+        preset: the model preset (``deit_s``, ``proxy_vit``, ``timm``); tables are keyed by it.
+        pretrained: load weights (the hub's, or ``checkpoint``); false: random weights.
+        checkpoint: a local weight file, loaded instead of the hub.
+        checkpoint_ema: load the checkpoint's ``state_dict_ema``.
+        num_classes, img_size: constructor arguments when set (a fine-tuned head, another resolution).
+        kwargs: any other constructor arguments.
+        record: the resolved ``model`` node as composed: an export's manifest keeps it and ``mode=eval`` rebuilds
+            the FP model from it.
+    """
+
+    name: str
+    preset: str | None
+    pretrained: bool
+    checkpoint: str | None
+    checkpoint_ema: bool
+    num_classes: int | None
+    img_size: int | None
+    kwargs: Mapping[str, Any] | None
+    record: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, node: Mapping[str, Any] | DictConfig) -> ModelSettings:
+        """From a ``model`` node (the composed config's, or an export manifest's)."""
+        model = _plain(node, "model")
+        kwargs = model.get("kwargs")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise ConfigError(f"model.kwargs={kwargs!r} is not a mapping. Fix: model.kwargs={{name:value,...}}.")
+        _check_bool(model, "model", "checkpoint_ema", default=False)
+        return cls(
+            name=str(model.get("name")),
+            preset=model.get("preset"),
+            pretrained=bool(model.get("pretrained", False)),
+            checkpoint=None if model.get("checkpoint") in (None, "") else str(model["checkpoint"]),
+            checkpoint_ema=bool(model.get("checkpoint_ema", False)),
+            num_classes=_int(model, "model", "num_classes", 1, optional=True),
+            img_size=_int(model, "model", "img_size", 1, optional=True),
+            kwargs=dict(kwargs) if kwargs is not None else None,
+            record=model,
+        )
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The data set and how it is read (``data.build_data``); preprocessing overrides are None for "the model's
+    own" (timm's pretrained config)."""
+
+    name: str
+    root: str | None = None
+    download_dir: str | None = None
+    batch_size: int = 64
+    workers: int = 0
+    eval_split: str = "val"  # val: the evaluation split; heldout: train images outside the calibration set (tuning)
+    heldout_size: int = 1000
+    num_eval: int | None = None  # a seeded subset of the evaluation split of this size (None: all of it)
+    calib_transform: str = "eval"  # eval | train (augmentation drawn once per calibration image)
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, node: Mapping[str, Any] | DictConfig) -> DataSettings:
+        """From a ``data`` node; a key it lacks keeps the default above (the presets set every key)."""
+        given = _plain(node, "data")
+        data = {f.name: f.default for f in fields(cls) if f.default is not MISSING} | given
+        name = data.get("name")
+        if name not in DATA_SETS:
+            raise ConfigError(f"unknown data set {name!r}. Fix: data=imagenet, data=folder or data=fashion_mnist.")
+        _check_choice(data, "data", "eval_split", EVAL_SPLITS, default="val")
+        _check_choice(data, "data", "calib_transform", ("eval", "train"), default="eval")
+        crop_pct = data.get("crop_pct")
+        if crop_pct is not None and (not isinstance(crop_pct, int | float) or isinstance(crop_pct, bool)):
+            raise ConfigError(f"data.crop_pct={crop_pct!r} is not a number. Fix: data.crop_pct=<e.g. 0.875> or null.")
+        return cls(
+            name=name,
+            root=None if data.get("root") is None else str(data["root"]),
+            download_dir=None if data.get("download_dir") is None else str(data["download_dir"]),
+            batch_size=_int(data, "data", "batch_size", 1),
+            workers=_int(data, "data", "workers", 0),
+            eval_split=data.get("eval_split", "val"),
+            heldout_size=_int(data, "data", "heldout_size", 1),
+            num_eval=_int(data, "data", "num_eval", 1, optional=True),
+            calib_transform=data.get("calib_transform", "eval"),
+            img_size=_int(data, "data", "img_size", 1, optional=True),
+            crop_pct=crop_pct,
+            interpolation=data.get("interpolation"),
+            mean=_floats(data, "mean"),
+            std=_floats(data, "std"),
+        )
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """The calibration set: how many images, in which batches, and an explicit list when given."""
+
+    num_images: int  # the list's length, else calib.num_images, else the method's own (method.calib_images)
+    batch_size: int
+    entries: tuple[str, ...] | None  # calib.list: the images by name, in order (None: a seeded draw)
+    list_sha256: str | None  # the list's contents (what resume compares), or None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    world_size: int  # > 1: evaluation on that many spawned torch.distributed processes
+    backend: str  # auto | gloo | nccl
+    runtime: str  # torch | onnxruntime (mode=eval of an export=onnx run)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The method: its quantizers, their initialisation, and reconstruction (None where the method has none)."""
+
+    name: str
+    quant: QuantConfig | None  # None: no quantization (the FP method)
+    init: InitConfig | None
+    recon: ReconConfig | None  # None: no reconstruction (fp, minmax, repq)
+    losses: LossConfig | None
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.recon is not None and self.losses is not None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting of one job, checked. ``method`` and ``calib`` are None for ``mode=eval`` (the export
+    decides them); ``checkpoint`` is None for ``mode=run``."""
+
+    mode: str  # run | eval
+    seed: int
+    device: str  # auto | cpu | cuda | cuda:N | claim
+    threads: int | None  # torch CPU threads (None: the cores shared among concurrent_jobs)
+    concurrent_jobs: int  # jobs the Hydra launcher runs at once
+    progress: bool
+    export: bool  # write the integer codes (quantized_model.*)
+    export_onnx: bool  # and model.onnx
+    dry_run: bool
+    resume: bool
+    run_dir: Path  # where results go (a resumed run's own directory when resume= names one)
+    checkpoint: Path | None
+    model: ModelSettings
+    data: DataSettings
+    eval: EvalSettings
+    calib: CalibSettings | None
+    method: MethodSettings | None
+    config: Mapping[str, Any]  # the resolved config as results.json records it (plus calib.list_sha256)
+
+    def in_run_dir(self, run_dir: Path) -> RunSettings:
+        """The same settings writing into ``run_dir`` (a resumed run's), its record saying so."""
+        return replace(self, run_dir=run_dir, config={**self.config, "output_dir": str(run_dir)})
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def parse_settings(cfg: DictConfig) -> RunSettings:
+    """Checks the composed config and returns the job's settings; raises ``ConfigError`` naming the fix."""
+    config = resolved(cfg)
+    seed = _int(config, "", "seed", 0)
+    threads = _int(config, "", "threads", 1, optional=True)
+    device = config.get("device")
+    if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
+        raise ConfigError(f"device={device!r} is unknown. Fix: device=auto, cpu, cuda, cuda:<index> or claim.")
+    mode = _check_choice(config, "", "mode", ("run", "eval"))
+    progress = _check_bool(config, "", "progress")
+    export = config.get("export")
+    if export not in (True, False, "onnx"):
+        raise ConfigError(
+            f"export={export!r} is unknown. Fix: export=true (integer codes, safetensors), export=onnx (that and "
+            "model.onnx) or export=false."
+        )
+    dry_run = _check_bool(config, "", "dry_run")
+    calib_num = _int(config["calib"], "calib", "num_images", 1, optional=True)
+    model = ModelSettings.parse(config["model"])
+    calib_batch = _int(config["calib"], "calib", "batch_size", 1)
+    evaluation = _eval_settings(config, mode, device)
+    if export == "onnx" or evaluation.runtime == "onnxruntime":
+        require_deploy()
+    data = DataSettings.parse(config["data"])
+
+    method = calib = checkpoint = None
+    run_dir, resuming = Path(str(config["output_dir"])), False
+    if mode == "run":
+        _check_model_preset(model, data)
+        method = _method_settings(config)
+        calib = _calib_settings(config, calib_num, calib_batch)
+        if calib.list_sha256 is not None:  # the list's contents, for the record and for resume's check
+            config["calib"]["list_sha256"] = calib.list_sha256
+        if dry_run and not method.reconstructs:
+            raise ConfigError(
+                f"dry_run=true projects a reconstruction, but method {method.name} does not reconstruct. "
+                "Fix: method=brecq, qdrop or mgrq, or drop dry_run."
+            )
+        run_dir, resuming = resume_target(config.get("resume", False), str(config["output_dir"]))
+    else:
+        checkpoint = _checkpoint(config)
+    settings = RunSettings(
+        mode=mode,
+        seed=seed,
+        device=device,
+        threads=threads,
+        concurrent_jobs=launcher_jobs(HydraConfig.get() if HydraConfig.initialized() else None),
+        progress=progress,
+        export=export in (True, "onnx"),
+        export_onnx=export == "onnx",
+        dry_run=dry_run,
+        resume=resuming,
+        run_dir=Path(str(config["output_dir"])),
+        checkpoint=checkpoint,
+        model=model,
+        data=data,
+        eval=evaluation,
+        calib=calib,
+        method=method,
+        config=config,
+    )
+    return settings.in_run_dir(run_dir) if run_dir != settings.run_dir else settings
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as a plain dict, every interpolation resolved; a required value left unset or an environment
+    variable that is not set is one ``ConfigError``."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = err.full_key or "a required value"
+        raise ConfigError(f"{key} is required but not set. Fix: add {key}=<value> to the command.") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "a value"
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"{key} cannot be resolved ({message}). Fix: set it on the command line.") from None
+    assert isinstance(config, dict)
+    return config
+
+
+def launcher_jobs(hydra_cfg: DictConfig | None) -> int:
+    """How many jobs the Hydra launcher runs at once: joblib's ``n_jobs`` (-1: one per core); else 1."""
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, CPU_CORES + 1 + n_jobs)
+
+
+def require_deploy() -> None:
+    """Raises ConfigError naming the install command when the deploy extra is missing."""
+    for package in DEPLOY_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"ONNX export and evaluation need {package}. Fix: {DEPLOY_HINT}.")
+
+
+def check_overrides(overrides: list[str], cfg: DictConfig) -> None:
+    """Refuses ``+key=value`` / ``++key=value`` outside ``hydra.``: every key of the runner is in its presets, so
+    an added key is a misspelling that would be silently ignored."""
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = [k for k in node.keys() if k != leaf] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        value = override.split("=", 1)[1] if "=" in override else "..."
+        fix = f"{parent + '.' if parent else ''}{close[0]}={value} (no +)" if close else "drop it (see --cfg job)"
+        raise ConfigError(f"{override}: {key} is not a setting of mgrq-run. Fix: {fix}.")
+
+
+def _eval_settings(config: dict[str, Any], mode: str, device: str) -> EvalSettings:
+    node = config["eval"]
+    world_size = _int(node, "eval", "world_size", 1, max_world_size(device))
+    backend = _check_choice(node, "eval", "backend", EVAL_BACKENDS)
+    runtime = _check_choice(node, "eval", "runtime", EVAL_RUNTIMES)
+    if runtime == "onnxruntime" and mode != "eval":
+        raise ConfigError(
+            "eval.runtime=onnxruntime evaluates an exported model. Fix: mode=eval checkpoint=<run dir of a run made "
+            "with export=onnx> eval.runtime=onnxruntime."
+        )
+    if runtime == "onnxruntime" and world_size > 1:
+        raise ConfigError("eval.runtime=onnxruntime runs in one process. Fix: eval.world_size=1.")
+    return EvalSettings(world_size, backend, runtime)
+
+
+def _method_settings(config: dict[str, Any]) -> MethodSettings:
+    """The method's objects, each checking its own fields (bits, ranges, loss names)."""
+    method = config["method"]
+    quant = init = recon = losses = None
+    if method.get("quantize"):
+        init_node = method["init"]
+        quant = QuantConfig(
+            w_bits=config["quant"]["w_bits"],
+            a_bits=config["quant"]["a_bits"],
+            input_bits=config["quant"]["input_bits"],
+            softmax_quantizer=init_node["softmax_quantizer"],
+        )
+        init = InitConfig(
+            search=init_node["search"],
+            percentiles=tuple(init_node["percentiles"]),
+            reparam=init_node["reparam"],
+            observer_samples=init_node["observer_samples"],
+        )
+    if method.get("recon") is not None:
+        recon = ReconConfig(**method["recon"])
+        losses = LossConfig(**{**method["loss"], "local_layers": tuple(method["loss"]["local_layers"])})
+    return MethodSettings(str(method["name"]), quant, init, recon, losses)
+
+
+def _checkpoint(config: dict[str, Any]) -> Path:
+    """``mode=eval``'s export to score."""
+    if config.get("checkpoint") is None:
+        raise ConfigError("mode=eval needs a checkpoint. Fix: add checkpoint=<run dir of a run made with export=true>.")
+    return Path(str(config["checkpoint"])).expanduser().resolve()
+
+
+def _calib_settings(config: dict[str, Any], num_images: int | None, batch_size: int) -> CalibSettings:
+    """The calibration set: a ``calib.list``'s images (read and checked here), else a seeded draw."""
+    listed = config["calib"].get("list")
+    entries = read_calibration_list(listed) if listed is not None else None
+    count = num_images if num_images is not None else int(config["method"]["calib_images"])
+    if entries is not None:
+        if num_images is not None and num_images != len(entries):
+            raise ConfigError(
+                f"calib.num_images={num_images} but calib.list names {len(entries)} images. "
+                "Fix: drop calib.num_images (the list decides), or list that many images."
+            )
+        count = len(entries)
+    return CalibSettings(
+        num_images=count,
+        batch_size=batch_size,
+        entries=tuple(entries) if entries is not None else None,
+        list_sha256=list_sha256(entries) if entries is not None else None,
+    )
+
+
+def _check_model_preset(model: ModelSettings, data: DataSettings) -> None:
+    """Refuses a timm name put into a proxy preset: the proxy presets bring Fashion-MNIST, not ImageNet."""
+    if model.preset in PROXIES and model.name not in PROXIES:
+        raise ConfigError(
+            f"model.name={model.name} replaces the {model.preset} proxy but keeps its data set ({data.name}). "
+            f"Fix: mgrq-run model=timm model.name={model.name} (ImageNet data, data.root= or IMAGENET_ROOT)."
+        )
+
+
+def max_world_size(device: str) -> int:
+    """The most evaluation processes this machine can run: its GPUs for a CUDA device, else its CPU cores."""
+    if device.startswith("cuda") or device == "claim":
+        return max(1, torch.cuda.device_count())
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------- value checks
+
+
+def _plain(node: Mapping[str, Any] | DictConfig, what: str) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        node = resolved(node)
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{what} is not a mapping. Fix: {what}=<a preset> (see mgrq-run --help).")
+    return dict(node)
+
+
+def _key(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(
+    node: Mapping[str, Any], prefix: str, key: str, low: int, high: int | None = None, optional: bool = False
+) -> Any:
+    """``node[key]`` (``prefix.key`` to the user) is an integer in ``[low, high]`` (or None when ``optional``)."""
+    value = node.get(key)
+    if value is None and optional:
+        return None
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        also = " or null" if optional else ""
+        name = _key(prefix, key)
+        raise ConfigError(f"{name}={value!r} is not allowed. Fix: {name}=<{allowed}>{also}.")
+    return value
+
+
+def _check_choice(
+    node: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...], default: str | None = None
+) -> str:
+    value = node.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{_key(prefix, key)}={value!r} is unknown. Fix: one of {', '.join(choices)}.")
+    return value
+
+
+def _check_bool(node: Mapping[str, Any], prefix: str, key: str, default: bool | None = None) -> bool:
+    value = node.get(key, default)
+    if not isinstance(value, bool):
+        name = _key(prefix, key)
+        raise ConfigError(f"{name}={value!r} is not true or false. Fix: {name}=true or {name}=false.")
+    return value
+
+
+def _floats(data: Mapping[str, Any], key: str) -> tuple[float, ...] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    values = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"data.{key}={value!r} is not a list of numbers. Fix: data.{key}=[0.5,0.5,0.5] or null.")
+    return tuple(float(v) for v in values)

@@ -1,0 +1,105 @@
+"""The settings boundary: the composed config is parsed once into frozen objects, and nothing past it reads the
+raw config; the collector reads records without torch and labels runs by their own recorded preset defaults."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mgrq_runner.analysis.runs import load_run
+from mgrq_runner.errors import ConfigError
+from mgrq_runner.settings import RunSettings, parse_settings
+from tests.conftest import compose_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mgrq_runner"
+# Where the raw DictConfig may still be taken: the parser, the Hydra entry point and its callbacks, run(cfg) (which
+# parses first), and the record of a job refused before its settings could be parsed.
+RAW_CONFIG_ALLOWED = {"settings.py", "cli.py", "run.py:run", "results.py:record_early_failure"}
+
+
+def test_settings_are_parsed_once_into_frozen_objects(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path / "run", "method=qdrop", "quant=w3a3", "seed=3", "export=onnx", "threads=1")
+    settings = parse_settings(cfg)
+    assert isinstance(settings, RunSettings) and settings.mode == "run" and settings.seed == 3
+    assert settings.export and settings.export_onnx and settings.threads == 1
+    assert settings.method is not None and settings.method.quant is not None
+    assert (settings.method.quant.w_bits, settings.method.recon.quant_prob) == (3, 0.5)
+    assert settings.calib is not None and settings.calib.num_images == 1024  # the method's own default
+    assert settings.run_dir == tmp_path / "run" and settings.config["seed"] == 3  # the record: the resolved config
+    for frozen in (settings, settings.model, settings.data, settings.eval, settings.calib, settings.method):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.seed = 1  # type: ignore[misc]
+
+
+def test_unresolvable_values_are_one_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MGRQ_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match=r"^model.name is required but not set. Fix: add model.name=<value>"):
+        parse_settings(compose_config(tmp_path / "run", "model=timm"))
+    with pytest.raises(ConfigError, match=r"^data.root cannot be resolved .*MGRQ_TEST_UNSET.* Fix: set it"):
+        parse_settings(compose_config(tmp_path / "run", "data.root=${oc.env:MGRQ_TEST_UNSET}"))
+
+
+def test_only_the_boundary_takes_the_raw_config() -> None:
+    """No stage, builder or model code takes a DictConfig: a setting read as ``cfg.x`` past the boundary leaks."""
+    leaks = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            annotations = [ast.unparse(a.annotation) for a in node.args.args if a.annotation is not None]
+            if any("DictConfig" in a for a in annotations) and not {name, f"{name}:{node.name}"} & RAW_CONFIG_ALLOWED:
+                leaks.append(f"{name}:{node.name}")
+    assert leaks == []
+
+
+def test_the_collector_imports_neither_torch_nor_timm() -> None:
+    code = "import sys, mgrq_runner.analysis.collect, mgrq_runner.analysis.plots; print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    modules = set(ast.literal_eval(loaded))
+    assert "mgrq_runner.analysis.runs" in modules and "mgrq_runner.recon.convergence" in modules
+    assert not {"torch", "timm", "mgrq_runner.recon.engine"} & modules
+
+
+def _record(tmp_path: Path, name: str, quant_prob: float, method_defaults: dict | None) -> Path:
+    results = {
+        "model": "proxy_vit",
+        "preset": "proxy_vit",
+        "method": "mgrq",
+        "w_bits": 4,
+        "a_bits": 4,
+        "status": "done",
+        "top1": 90.0,
+        "config": {
+            "method": {"loss": {"global_weight": 1.0, "local_weight": 1.0}, "recon": {"quant_prob": quant_prob}}
+        },
+    }
+    if method_defaults is not None:
+        results["method_defaults"] = method_defaults
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(results))
+    return tmp_path / name
+
+
+def test_labels_follow_the_preset_defaults_a_run_recorded(tmp_path: Path) -> None:
+    """A run labels what it changed from its method preset as the preset stood when it ran: if mgrq's preset had
+    p=1, an mgrq run at p=1 is plain mgrq; an older record without the field is read against today's preset."""
+    then = {"loss.global_weight": 1.0, "loss.local_weight": 1.0, "recon.quant_prob": 1.0}
+    assert load_run(_record(tmp_path, "then", 1.0, then)).method == "mgrq"
+    assert load_run(_record(tmp_path, "old", 1.0, None)).method == "mgrq (p=1)"  # today's mgrq preset: p=0.5
+    assert load_run(_record(tmp_path, "drop", 0.5, then)).method == "mgrq (p=0.5)"
+
+
+def test_a_run_records_its_method_preset_defaults(tmp_path: Path) -> None:
+    from mgrq_runner.results import run_fields
+
+    fields = run_fields(parse_settings(compose_config(tmp_path / "run", "method=mgrq_no_global")))
+    # the label is measured against the preset named by method.name (mgrq), not the ablation file
+    assert fields["method"] == "mgrq"
+    assert fields["method_defaults"] == {"loss.global_weight": 1.0, "loss.local_weight": 1.0, "recon.quant_prob": 0.5}
