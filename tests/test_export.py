@@ -14,7 +14,7 @@ from torch import nn
 
 import mgrq_runner.run as run_module
 from mgrq_runner.data import load_fashion_mnist
-from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized
+from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized, manifest_digest
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.files import file_sha256
 from mgrq_runner.models import create_proxy_model
@@ -177,7 +177,9 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
         run(compose_config(tmp_path / "d", "mode=eval", f"checkpoint={other_model}", "model=deit_t"))
 
     def tampered(name: str, change_tensors=None, change_manifest=None, checksum: bool = True) -> Path:
-        """A copy of the good export with its tensors or manifest changed (and the checksum made to fit)."""
+        """A copy of the good export with its tensors or manifest changed and, with ``checksum``, the weights'
+        checksum and the manifest's digest made to fit: what a careful tamperer would do. The cross-checks must
+        still refuse it."""
         where = tmp_path / name
         shutil.copytree(good, where)
         if change_tensors is not None:
@@ -185,10 +187,12 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
             change_tensors(tensors)
             save_file(tensors, str(where / EXPORT_WEIGHTS))
         manifest = json.loads((where / EXPORT_MANIFEST).read_text())
+        if checksum:
+            manifest["weights_sha256"] = file_sha256(where / EXPORT_WEIGHTS)
         if change_manifest is not None:
             change_manifest(manifest)
         if checksum:
-            manifest["weights_sha256"] = file_sha256(where / EXPORT_WEIGHTS)
+            manifest["digest"] = manifest_digest(manifest)
         (where / EXPORT_MANIFEST).write_text(json.dumps(manifest))
         return where
 
@@ -207,14 +211,29 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     def negative_scale(tensors):
         tensors["blocks.0.attn.qkv.input_quantizer.scale"][0] = -0.1
 
-    def wrong_bits(manifest):
-        manifest["w_bits"] = 3
+    def wrong_bits(manifest):  # quant_config too: the layers' entries still say 4
+        manifest["w_bits"] = manifest["quant_config"]["w_bits"] = 3
 
     def no_model(manifest):
         del manifest["model"]
 
     def unknown_key(manifest):
         manifest["quant_config"]["group_size"] = 128
+
+    def no_checksum(manifest):
+        del manifest["weights_sha256"]
+
+    def activations_raised(manifest):  # only quant_config: 8-bit activation quantizers would load
+        manifest["quant_config"]["a_bits"] = 8
+
+    def all_bits_raised(manifest):  # the top-level field too: the per-quantizer entries still say 4
+        manifest["a_bits"] = manifest["quant_config"]["a_bits"] = 8
+
+    def words_for_numbers(manifest):
+        manifest["num_calib"] = "many"
+
+    def onnx_elsewhere(manifest):
+        manifest["onnx"] = {"file": "../../elsewhere/model.onnx", "sha256": "0" * 64}
 
     cases = [
         (tampered("unchecked", code_too_big, checksum=False), "does not match the checksum"),
@@ -226,6 +245,12 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
         (tampered("bits", change_manifest=wrong_bits), "4-bit weights but the manifest says w_bits=3"),
         (tampered("no_model", change_manifest=no_model), "lacks model. Fix: re-export"),
         (tampered("unknown_key", change_manifest=unknown_key), r"unknown keys \['group_size'\]"),
+        (tampered("unsigned", change_manifest=wrong_bits, checksum=False), "was changed after it was written"),
+        (tampered("no_checksum", change_manifest=no_checksum), "lacks weights_sha256"),
+        (tampered("a_bits", change_manifest=activations_raised), r"a_bits=4 but quant_config.a_bits=8"),
+        (tampered("all_bits", change_manifest=all_bits_raised), r"input_quantizer has 4 bits but .* a_bits=8"),
+        (tampered("words", change_manifest=words_for_numbers), r"num_calib='many' is not an integer"),
+        (tampered("onnx_path", change_manifest=onnx_elsewhere), r"its onnx entry must name model.onnx in the run dir"),
     ]
     for where, message in cases:
         with pytest.raises(ModelError, match=message):
@@ -235,7 +260,8 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     shutil.copytree(good, corrupt)
     (corrupt / EXPORT_WEIGHTS).write_bytes(b"\x80\x04 not safetensors")
     manifest = json.loads((corrupt / EXPORT_MANIFEST).read_text())
-    del manifest["weights_sha256"]  # an export without a checksum is still read, and refused when unreadable
+    manifest["weights_sha256"] = file_sha256(corrupt / EXPORT_WEIGHTS)  # its checksum made to fit
+    manifest["digest"] = manifest_digest(manifest)
     (corrupt / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="cannot be read"):
         load_quantized(corrupt)

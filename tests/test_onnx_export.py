@@ -12,7 +12,9 @@ import torch
 from onnx import numpy_helper
 
 from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, deploy_model, export_onnx, integer_kernels
+from mgrq_runner.deploy.safetensors_export import manifest_digest
 from mgrq_runner.errors import ConfigError, ModelError
+from mgrq_runner.files import file_sha256
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
@@ -161,6 +163,16 @@ def test_export_onnx_run_and_onnxruntime_eval(tmp_path) -> None:
     assert set(evaluated["throughput"]) == {"fp", "simulation", "onnxruntime"}
     assert evaluated["onnx"]["kernels"]["MatMulIntegerToFloat"] > 0
 
+    graph = onnx.load(str(run_dir / "model.onnx"))  # a replaced graph, its checksum and the digest made to fit
+    quantize_nodes = [node for node in graph.graph.node if node.op_type == "QuantizeLinear"]
+    graph.graph.node.remove(quantize_nodes[0])
+    onnx.save(graph, str(run_dir / "model.onnx"))
+    manifest["onnx"]["sha256"] = file_sha256(run_dir / "model.onnx")
+    manifest["digest"] = manifest_digest(manifest)
+    (run_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=rf"has {len(quantize_nodes) - 1} QuantizeLinear nodes where its export had"):
+        run(compose_config(tmp_path / "eval2", "mode=eval", f"checkpoint={run_dir}", "eval.runtime=onnxruntime"))
+
 
 @needs_fashion_mnist
 def test_onnxruntime_eval_needs_an_onnx_export(tmp_path) -> None:
@@ -171,6 +183,7 @@ def test_onnxruntime_eval_needs_an_onnx_export(tmp_path) -> None:
     (run_dir / "model.onnx").write_bytes(b"")
     manifest = json.loads((run_dir / EXPORT_MANIFEST).read_text())
     manifest["onnx"] = {"file": "model.onnx", "sha256": "0" * 64}
+    manifest["digest"] = manifest_digest(manifest)
     (run_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="does not match the checksum"):
         run(compose_config(tmp_path / "eval2", "mode=eval", f"checkpoint={run_dir}", "eval.runtime=onnxruntime"))

@@ -71,7 +71,7 @@ def test_concurrent_atomic_writes_never_leave_a_broken_file(tmp_path: Path) -> N
     writers = [subprocess.Popen([sys.executable, "-c", code, str(path), str(stop), str(k)]) for k in range(3)]
     seen, reads = set(), 0
     try:
-        while seen != {0, 1, 2} or reads < 200:
+        while not {0, 1, 2} <= seen or reads < 200:
             seen.add(json.loads(path.read_text())["writer"])  # a torn file would not parse
             reads += 1
             assert all(w.poll() is None for w in writers), "a writer died"
@@ -109,6 +109,22 @@ def test_a_sweep_with_a_failed_job_exits_nonzero_and_records_it(tmp_path: Path) 
     assert "quant.w_bits=99 is outside 2..8" in failed["error"] and "quant.w_bits=99" in failed["overrides"]
     assert failed["method"] == "minmax" and failed["w_bits"] == 99
     assert "1 job(s) of the sweep did not finish" in stdout + stderr
+
+
+@needs_fashion_mnist
+def test_a_rerun_sweep_counts_the_jobs_it_refused(tmp_path: Path) -> None:
+    """Rerun into the same sweep dir, jobs refused (resume with another config) keep their earlier done records:
+    the sweep still exits 1 and names them, by what each job did in this sweep."""
+    sweep = tmp_path / "sweep"
+    first = mgrq_run("method=minmax", "seed=0,1", *SMOKE, f"hydra.sweep.dir={sweep}", multirun=True)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    rerun = ("method=minmax", "seed=0,1", "quant.input_bits=6", "resume=true", *SMOKE, f"hydra.sweep.dir={sweep}")
+    again = mgrq_run(*rerun, multirun=True)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 1, stderr[-3000:]
+    assert "2 job(s) of the sweep did not finish" in stdout + stderr and "(failed)" in stdout + stderr
+    assert [json.loads(p.read_text())["status"] for p in sorted(sweep.rglob("results.json"))] == ["done", "done"]
 
 
 @needs_fashion_mnist

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +24,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import console
 from mgrq_runner.errors import Interrupted, MgrqError, error_message
+from mgrq_runner.files import write_atomic, write_text_atomic
 from mgrq_runner.presets import CONFIG_DIR
 from mgrq_runner.results import record_early_failure
 from mgrq_runner.run import run
-from mgrq_runner.rundir import RESULTS, results_path
+from mgrq_runner.rundir import RESULTS, SWEEP_JOBS, results_path
 from mgrq_runner.settings import check_overrides
 
 ORIGINAL = "original"  # .hydra/original/: the Hydra files of the run that owns the directory
@@ -65,9 +65,10 @@ class HydraFiles:
         self.owned = self.before is not None
 
     def _copy(self, source: Path, target: Path) -> None:
+        """Each file replaced whole (a full disk leaves the previous copy, never a truncated one)."""
         target.mkdir(exist_ok=True)
         for file in source.glob("*.yaml"):
-            shutil.copy2(file, target / file.name)
+            write_atomic(target / file.name, lambda tmp, file=file: shutil.copy2(file, tmp))
 
     def keep(self) -> None:
         """The current files become the directory's own (a first run, or a run that finished here)."""
@@ -78,26 +79,53 @@ class HydraFiles:
         """Puts the owner's files back if this start was refused before it wrote anything of its own."""
         unchanged = self.results.exists() and self.results.read_bytes() == self.before
         if self.owned and unchanged and self.folder is not None and (self.folder / ORIGINAL).is_dir():
-            self._copy(self.folder / ORIGINAL, self.folder)
+            try:
+                self._copy(self.folder / ORIGINAL, self.folder)
+            except (OSError, MgrqError) as err:  # the refusal itself is what the user must see
+                log.error("could not restore %s: %s", self.folder, err)
+
+
+class SweepJob:
+    """In a sweep, what this job did in it: ``<sweep dir>/.sweep_jobs/<job number>.json`` says ``started`` when the
+    job begins and its outcome when it ends, so that ``SweepFailures`` counts a job by this sweep's attempt, not by
+    a results.json an earlier sweep left in the same place (a refused job keeps that one). Outside a sweep: nothing."""
+
+    def __init__(self, hydra_cfg: DictConfig, run_dir: str) -> None:
+        in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        self.path = Path(str(hydra_cfg.sweep.dir)) / SWEEP_JOBS / f"{hydra_cfg.job.num}.json" if in_sweep else None
+        self.run_dir = run_dir
+
+    def record(self, status: str, error: str | None = None) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps({"status": status, "run_dir": self.run_dir, "error": error}))
+        except (OSError, MgrqError) as err:  # the sweep then counts this job as not finished
+            log.error("could not record the job's outcome in %s: %s", self.path, err)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Runs one job; returns top-1 so that sweepers can optimise it (None for a dry run)."""
     hydra_cfg = HydraConfig.get()
-    overrides = list(hydra_cfg.overrides.task)
+    overrides = [str(o) for o in OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)]  # as typed
+    job = SweepJob(hydra_cfg, str(cfg.output_dir))
+    job.record("started")
     hydra_files = HydraFiles(Path(cfg.output_dir), hydra_cfg.output_subdir)
-    if not hydra_files.owned:
-        hydra_files.keep()
     try:
         with sigterm_as_interrupt():
+            if not hydra_files.owned:
+                hydra_files.keep()
             check_overrides(overrides, cfg)
             results, _ = run(cfg)
         hydra_files.keep()
+        job.record(str(results.get("status")))
         return float(results["top1"]) if "top1" in results else None  # none in a dry run
     except MgrqError as err:
         hydra_files.restore()
         message = error_message(err)
+        job.record("failed", message)
         log.error("%s", message)
         console.console.print(f"[bold red]error:[/] {message}")  # via the module: main() stays picklable (joblib)
         try:
@@ -113,6 +141,7 @@ def main(cfg: DictConfig) -> float | None:
             f"interrupted by {signal.Signals(signum).name}. Finished reconstruction units are kept: rerun the same "
             f"command with hydra.run.dir={cfg.output_dir} resume=true to continue."
         )
+        job.record("interrupted", message)
         log.error("%s", message)
         console.console.print(f"[bold red]interrupted:[/] {message}")
         sys.exit(128 + signum)
@@ -142,23 +171,21 @@ class OutputDirCheck(Callback):
 
 
 class SweepFailures(Callback):
-    """Ends a sweep with exit status 1 when any of its jobs failed (each job's results.json says which)."""
+    """Ends a sweep with exit status 1 when any of its jobs did not finish in it: failed, refused, interrupted, or
+    killed before it could say (``SweepJob``'s records; each job's results.json says more)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time()
+        shutil.rmtree(Path(str(config.hydra.sweep.dir)) / SWEEP_JOBS, ignore_errors=True)  # an earlier sweep's
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = []
-        for path in sorted(sweep_dir.rglob(RESULTS)):
-            if path.stat().st_mtime < getattr(self, "started", 0.0):
-                continue  # an earlier sweep's job in the same directory
+        for path in sorted((Path(str(config.hydra.sweep.dir)) / SWEEP_JOBS).glob("*.json"), key=lambda p: p.stem):
             try:
-                status = json.loads(path.read_text()).get("status")
+                record = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
-                status = "unreadable"
-            if status not in ("done", "projected"):
-                failed.append(f"{path.parent} ({status})")
+                record = {"status": "unreadable", "run_dir": path}
+            if record.get("status") not in ("done", "projected"):
+                failed.append(f"{record.get('run_dir')} ({record.get('status')})")
         if failed:
             log.error("%d job(s) of the sweep did not finish: %s", len(failed), "; ".join(failed))
             sys.exit(1)

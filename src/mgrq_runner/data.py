@@ -8,6 +8,7 @@ train split; their identifiers (file paths or indices) are returned so a run can
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import struct
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mgrq_runner.errors import DataError
+from mgrq_runner.files import file_sha256
 
 if TYPE_CHECKING:
     from mgrq_runner.settings import DataSettings
@@ -46,6 +48,8 @@ class DataBundle:
         calibration_ids: one identifier per calibration image (file path or split index).
         num_classes: number of classes of the data set.
         class_names: ``data=folder``: the class names in label order.
+        calibration_sha256: the calibration images' identity: each one's name (relative to the data root) and
+            content, in order. A resumed run and an export's evaluation compare it, not the paths.
     """
 
     calibration: Dataset
@@ -53,6 +57,13 @@ class DataBundle:
     calibration_ids: list[str]
     num_classes: int
     class_names: list[str] | None = None  # a folder data set's classes in label order (saved in the run dir)
+    calibration_sha256: str = ""
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the calibration set and the labels are, for results.json and export manifests."""
+        return {"calibration_sha256": self.calibration_sha256, "num_classes": self.num_classes,
+                "classes": self.class_names}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -174,6 +185,10 @@ class ImageFiles(Dataset):
                 image = img.convert(self.mode)
         except PermissionError as err:
             raise DataError(f"image file {path} cannot be read (permission denied). Fix: chmod a+r it.") from err
+        except Image.DecompressionBombError as err:  # a header claiming more pixels than PIL will allocate
+            raise DataError(
+                f"image file {path} claims more pixels than PIL decodes ({err}). Fix: delete or downscale that file."
+            ) from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataError(f"corrupt image file {path} ({err}). Fix: delete or replace that file.") from err
         if self.transform is not None:
@@ -447,11 +462,32 @@ def build_data(
     else:
         calibration, indices = listed_subset(train, train_keys(), calib_list, key_of)  # keys only when listed
     ids = [f"train[{i}]" for i in indices] if data.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
+    digest = _calibration_digest(train, indices, None if data.name == "fashion_mnist" else root)
     if heldout:
         evaluation = heldout_subset(evaluation, data.heldout_size, indices)
     if data.num_eval is not None:
         evaluation, _ = seeded_subset(evaluation, data.num_eval, seed, "data.num_eval")
-    return DataBundle(calibration, evaluation, ids, num_classes, class_names)
+    return DataBundle(calibration, evaluation, ids, num_classes, class_names, digest)
+
+
+def _calibration_digest(train: Dataset, indices: list[int], root: Path | None) -> str:
+    """SHA-256 over the calibration images in order: each one's name and bytes (an image file's name relative to
+    ``root``; a Fashion-MNIST image's split index and pixels). A moved copy of the same tree gives the same digest;
+    another tree, or the same names with other contents, does not."""
+    digest = hashlib.sha256()
+    for index in indices:
+        if root is None:
+            image, label = train[index]
+            digest.update(f"train[{index}]:{int(label)}\n".encode())
+            digest.update(image.numpy().tobytes())
+        else:
+            path, label = train.samples[index]  # type: ignore[attr-defined]
+            digest.update(f"{os.path.relpath(path, root)}:{label}\n".encode())
+            try:
+                digest.update(file_sha256(Path(path)).encode())
+            except OSError as err:
+                raise DataError(f"image file {path} cannot be read ({err.strerror}). Fix: check the file.") from err
+    return digest.hexdigest()
 
 
 def create_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:

@@ -32,6 +32,10 @@ class NumericalError(MgrqError):
     """A loss or an output became NaN or infinite."""
 
 
+class DiskFullError(MgrqError):
+    """A file could not be written for lack of space (or quota): what was written before it is kept."""
+
+
 class Interrupted(BaseException):
     """The run received a termination signal (SIGTERM); like KeyboardInterrupt, not an error of the user's."""
 

@@ -3,6 +3,7 @@ and the checksums that tie a run dir's files to its records. No torch import: th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -10,21 +11,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mgrq_runner.errors import DiskFullError
+
 if TYPE_CHECKING:
     import torch
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Calls ``write`` on a temporary name next to ``path``, then moves the result onto ``path``.
 
-    The temporary name is unique (process id and a random part), so two writers never share one.
+    The temporary name is unique (process id and a random part), so two writers never share one. ``path`` itself
+    is replaced, never written through: a symbolic link there is replaced by the file, its target left alone. A
+    full disk is a ``DiskFullError`` naming the file; the previous file stays as it was.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if not no_space(err):
+            raise
+        raise DiskFullError(
+            f"no space left to write {path}; what the run wrote before is kept. Fix: free disk "
+            "space (or write the run elsewhere with hydra.run.dir=), then rerun with resume=true."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or quota) is full: an OSError, or a library's wrapped one (safetensors says
+    "No space left on device (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno in NO_SPACE
+    return any(os.strerror(code) in str(err) for code in NO_SPACE)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -151,6 +151,12 @@ def load_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
     ``module.`` prefix (a DistributedDataParallel model saved as it was) is dropped.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin", ".tar"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise ModelError(
+            f"checkpoint {path} is a directory{hint}. Fix: point model.checkpoint at the weight file inside it."
+        )
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist. Fix: point model.checkpoint at a weight file.")
     if path.suffix == ".safetensors":
@@ -303,6 +309,13 @@ def load_checkpoint(model: nn.Module, name: str, checkpoint: str, ema: bool) -> 
             return
         except (RuntimeError, KeyError, ValueError) as err:
             error = err
+    head = state.get("head.weight")
+    classes = getattr(model, "num_classes", None)
+    if isinstance(head, torch.Tensor) and head.dim() == 2 and head.shape[0] != classes:
+        raise ModelError(
+            f"checkpoint {checkpoint} has a head of {head.shape[0]} classes, the model {name} {classes}. Fix: "
+            f"model.num_classes={head.shape[0]}."
+        ) from error
     raise ModelError(
         f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}. Fix: use the checkpoint of "
         "that exact architecture, with model.num_classes (and model.img_size, model.kwargs) as it was trained."

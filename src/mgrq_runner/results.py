@@ -49,6 +49,7 @@ class Results(TypedDict, total=False):
     w_bits: int  # 32 for fp
     a_bits: int
     dataset: str
+    data_identity: dict[str, Any]  # the calibration images' digest and the classes (data.DataBundle.identity)
     eval_split: str  # val | heldout (tuning on train images)
     seed: int
     config: dict[str, Any]  # the resolved Hydra config

@@ -44,6 +44,30 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def evaluation_question(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's final scores answer besides its model: the split, its size and the export asked for."""
+    data = config["data"]
+    heldout = data.get("eval_split", "val") == "heldout"
+    return {
+        "data.eval_split": data.get("eval_split", "val"),
+        "data.heldout_size": data.get("heldout_size") if heldout else None,
+        "data.num_eval": data.get("num_eval"),
+        "export": config.get("export", False),
+    }
+
+
+def check_same_question(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """A done run resumed is returned as it is: refused when the command asks another evaluation of it."""
+    before, now = evaluation_question(previous), evaluation_question(current)
+    changed = [f"{key}: {before[key]} -> {now[key]}" for key in before if before[key] != now[key]]
+    if changed:
+        raise ConfigError(
+            f"resume: {run_dir} is done, and its scores answer another question ({', '.join(changed)}). "
+            f"Fix: score its export with mode=eval checkpoint={run_dir} (a run made with export=true), or start a "
+            "new run (another hydra.run.dir, without resume)."
+        )
+
+
 def list_sha256(entries: list[str]) -> str:
     """The checksum of a ``calib.list``'s entries, in order (blank lines and line endings do not count)."""
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()

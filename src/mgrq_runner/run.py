@@ -25,13 +25,13 @@ from omegaconf import DictConfig
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.console import print_projection, print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
-from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, export_onnx, integer_kernels
+from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, check_onnx_file, export_onnx, integer_kernels
 from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized, read_manifest
 from mgrq_runner.devices import cpu_threads, resolve_device, warn_if_cpu_busy
 from mgrq_runner.distributed import evaluate_distributed
-from mgrq_runner.errors import ConfigError, Interrupted, ModelError, error_message
+from mgrq_runner.errors import ConfigError, Interrupted, MgrqError, ModelError, error_message
 from mgrq_runner.evaluate import EvalResult, evaluate
-from mgrq_runner.files import file_sha256
+from mgrq_runner.files import write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant.api import quantize_
 from mgrq_runner.quant.calibrate import calibrate
@@ -47,8 +47,16 @@ from mgrq_runner.results import (
     run_fields,
     score_fields,
 )
-from mgrq_runner.resume import fingerprint, previous_results
-from mgrq_runner.rundir import CALIBRATION_LIST, CLASS_LIST, RECON_CURVES, RECON_STATE, locked, results_path
+from mgrq_runner.resume import check_same_question, fingerprint, previous_results
+from mgrq_runner.rundir import (
+    CALIBRATION_LIST,
+    CLASS_LIST,
+    ONNX_FILE,
+    RECON_CURVES,
+    RECON_STATE,
+    locked,
+    results_path,
+)
 from mgrq_runner.settings import ModelSettings, RunSettings, parse_settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +111,7 @@ def _run_job(settings: RunSettings, on_step: StepCallback | None) -> Outcome:
     if previous is not None:
         check_same_config(fingerprint(previous["config"]), fingerprint(settings.config), results_path(settings.run_dir))
         if previous.get("status") == "done":
+            check_same_question(previous["config"], dict(settings.config), settings.run_dir)
             log.info("resume: %s is done; its results are returned without recomputing", settings.run_dir)
             print_summary(previous)
             return previous, {"fp_model": None, "quant_model": None, "data": None}
@@ -145,11 +154,19 @@ def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, Interrupted) as err:
         reason = f"signal {err.signum}" if isinstance(err, Interrupted) else "KeyboardInterrupt"
-        results_file.update(status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
+        _record(results_file, status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
         raise
     except BaseException as err:
-        results_file.update(status="failed", error=f"{type(err).__name__}: {error_message(err)}")
+        _record(results_file, status="failed", error=f"{type(err).__name__}: {error_message(err)}")
         raise
+
+
+def _record(results_file: ResultsFile, **fields: Any) -> None:
+    """Records how the run ended, if the disk still lets it: the error that ended it is the one reported."""
+    try:
+        results_file.update(**fields)
+    except (OSError, MgrqError) as err:
+        log.error("could not record status %s in %s: %s", fields.get("status"), results_file.path, err)
 
 
 def _pipeline(
@@ -159,6 +176,8 @@ def _pipeline(
     seed_everything(settings.seed)
     device = resolve_device(settings.device)
     fp_model, bundle = build(settings, results_file, device)
+    if state is not None:  # a resumed run's units were built on the same calibration images and classes, or none
+        state.use_data(bundle.identity)
     models = {"fp": fp_model.to(device)}
     if settings.method.quant is not None:
         models["quant"], images = quantize_and_calibrate(fp_model, bundle, settings, results_file, device)
@@ -169,7 +188,7 @@ def _pipeline(
             reconstruct_stage(models, images, settings, results_file, state, on_step)
         if settings.export:  # before evaluation: a failure there still leaves the export
             with results_file.stage("export"):
-                export_stage(models["quant"], images, settings, results_file)
+                export_stage(models["quant"], images, bundle, settings, results_file)
     elif settings.export:
         log.warning("export=true: method %s does not quantize, nothing to export", settings.method.name)
     score(models, bundle, settings, results_file, device)
@@ -186,9 +205,11 @@ def build(settings: RunSettings, results_file: ResultsFile, device: torch.device
     with results_file.stage("data"):
         bundle = build_data(settings.data, fp_model, max(calib.num_images, 1), settings.seed, calib.entries)
     if bundle.class_names is not None:
-        (settings.run_dir / CLASS_LIST).write_text("\n".join(bundle.class_names) + "\n")
+        write_text_atomic(settings.run_dir / CLASS_LIST, "\n".join(bundle.class_names) + "\n")
     check_classes(fp_model, bundle, settings)
-    results_file.update(**model_fields(fp_model, resolved_data_config(fp_model, settings.data), device))
+    results_file.update(
+        data_identity=bundle.identity, **model_fields(fp_model, resolved_data_config(fp_model, settings.data), device)
+    )
     return fp_model, bundle
 
 
@@ -216,7 +237,7 @@ def quantize_and_calibrate(
     calibration images (on the device)."""
     method, calib, show = settings.method, settings.calib, settings.progress
     assert method is not None and method.quant is not None and method.init is not None and calib is not None
-    (settings.run_dir / CALIBRATION_LIST).write_text("\n".join(bundle.calibration_ids) + "\n")
+    write_text_atomic(settings.run_dir / CALIBRATION_LIST, "\n".join(bundle.calibration_ids) + "\n")
     with results_file.stage("quantize"):
         quant_model = quantize_(copy.deepcopy(fp_model), method.quant)
     calib_loader = create_loader(bundle.calibration, calib.batch_size, settings.data.workers)
@@ -245,6 +266,15 @@ def reconstruct_stage(
         curves = LossCurves(forward_to=_both(progress, on_step))
         if state is not None and state.units:  # a resumed run keeps its restored units' curves
             curves.restore(curves_path, state.names)
+        if state is not None:  # every saved unit's curve is saved with it: a killed run keeps them for resume
+            record_units = state.on_save
+
+            def save_curves_too(names: list[str]) -> None:
+                curves.save(curves_path)
+                if record_units is not None:
+                    record_units(names)
+
+            state.on_save = save_curves_too
         try:
             reports = reconstruct(
                 models["quant"], models["fp"], images, method.recon, method.losses, settings.seed, curves, state
@@ -282,11 +312,11 @@ def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallba
 
 
 def export_stage(
-    model: torch.nn.Module, images: torch.Tensor, settings: RunSettings, results_file: ResultsFile
+    model: torch.nn.Module, images: torch.Tensor, bundle: DataBundle, settings: RunSettings, results_file: ResultsFile
 ) -> None:
     """Stage ``export``: the integer codes (safetensors) and, with ``export=onnx``, ``model.onnx`` first (the
-    manifest records it)."""
-    info = export_info(settings)
+    manifest records it, and the data the model was calibrated on: ``mode=eval`` checks its classes)."""
+    info = {**export_info(settings), "data_identity": bundle.identity}
     if settings.export_onnx:
         info["onnx"] = export_onnx(model, settings.run_dir, images[:2])
     exported = export_quantized(model, settings.run_dir, info)
@@ -357,6 +387,7 @@ def _run_eval_job(settings: RunSettings) -> Outcome:
         with results_file.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
             bundle = build_data(settings.data, model, max(num_calib, 1), settings.seed)
         check_classes(model, bundle, settings)
+        check_export_classes(manifest, bundle, checkpoint)
         results_file.update(**model_fields(model, resolved_data_config(model, settings.data), device))
         scores = score(models, bundle, settings, results_file, device)
         if "onnxruntime" in scores:
@@ -367,6 +398,23 @@ def _run_eval_job(settings: RunSettings) -> Outcome:
     return dict(results_file.data), {"fp_model": None, "quant_model": model, "data": bundle}
 
 
+def check_export_classes(manifest: dict[str, Any], bundle: DataBundle, checkpoint: Path) -> None:
+    """The evaluation data's classes, in label order, are the ones the export was calibrated with (a folder data
+    set numbers its classes by its own folders or classes.txt: another order scores at chance)."""
+    exported, mine = (manifest.get("data_identity") or {}).get("classes"), bundle.class_names
+    if exported is None or mine is None or exported == mine:  # a built-in data set's labels carry no names
+        return
+    first = next(
+        (i for i, (a, b) in enumerate(zip(exported, mine, strict=False)) if a != b), min(len(exported), len(mine))
+    )
+    raise ConfigError(
+        f"the data's classes are not those {checkpoint} was exported with (label {first}: "
+        f"{exported[first] if first < len(exported) else 'none'} there, {mine[first] if first < len(mine) else 'none'} "
+        f"here). Fix: data.root=<the tree it was made on>, or put the export's {CLASS_LIST} (in {checkpoint}) at "
+        "the data root."
+    )
+
+
 def onnxruntime_models(
     model: torch.nn.Module, manifest: dict[str, Any], checkpoint: Path, device: torch.device, results_file: ResultsFile
 ) -> dict[str, torch.nn.Module]:
@@ -374,11 +422,8 @@ def onnxruntime_models(
     export's ``model.onnx`` under onnxruntime, evaluated in one pass (the last one's scores are the run's)."""
     if "onnx" not in manifest:
         raise ModelError(f"{checkpoint} holds no ONNX export. Fix: re-run that job with export=onnx.")
-    path = checkpoint / manifest["onnx"]["file"]
-    if not path.is_file() or file_sha256(path) != manifest["onnx"]["sha256"]:
-        raise ModelError(
-            f"{path} is missing or does not match the checksum in its manifest. Fix: re-run that job with export=onnx."
-        )
+    path = checkpoint / ONNX_FILE  # read_manifest allows no other name: nothing outside the run dir is loaded
+    check_onnx_file(path, model, manifest["onnx"])
     models: dict[str, torch.nn.Module] = {}
     source = ModelSettings.parse(manifest["model"])
     if source.pretrained or source.checkpoint:  # the FP weights the run started from

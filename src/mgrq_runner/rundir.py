@@ -7,6 +7,7 @@ A run directory holds ``.hydra/`` (Hydra's), ``cli.log`` and the files named bel
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ EXPORT_WEIGHTS = "quantized_model.safetensors"  # integer weight codes, quantize
 EXPORT_MANIFEST = "quantized_model.json"  # what the export holds: bits, method, versions, sizes
 ONNX_FILE = "model.onnx"  # export=onnx: the model with QuantizeLinear/DequantizeLinear (deploy.onnx_export)
 LOCK = ".lock"  # held (flock) while a run is active: the pid and start time of its owner
+SWEEP_JOBS = ".sweep_jobs"  # in a sweep dir: one file per job, what it did in this sweep (cli.SweepJob)
 
 
 def results_path(run_dir: str | Path) -> Path:
@@ -34,9 +36,17 @@ def results_path(run_dir: str | Path) -> Path:
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Owns ``run_dir`` for the block: a second run there is refused, naming the owner. The lock is an ``flock``,
-    so it ends with the process however that ends."""
+    so it ends with the process however that ends. A symbolic link in the lock's place is refused, not followed."""
     path = run_dir / LOCK
-    handle = path.open("a+")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise ConfigError(
+            f"{path} is a symbolic link: a run writes its own files, never through a link. Fix: remove {path}."
+        ) from None
+    handle = os.fdopen(descriptor, "r+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

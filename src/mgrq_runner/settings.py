@@ -248,6 +248,11 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
         run_dir, resuming = resume_target(config.get("resume", False), str(config["output_dir"]))
     else:
         checkpoint = _checkpoint(config)
+        if run_dir.resolve() == checkpoint:
+            raise ConfigError(
+                f"mode=eval would write into its checkpoint's own run dir {checkpoint}, replacing the record of the "
+                "run it evaluates. Fix: drop hydra.run.dir (a new run dir), or give another one."
+            )
     settings = RunSettings(
         mode=mode,
         seed=seed,

@@ -246,6 +246,28 @@ def expected_nodes(model: nn.Module) -> dict[str, int]:
     return {"QuantizeLinear": activations, "DequantizeLinear": activations + weights}
 
 
+def check_onnx_file(path: Path, model: nn.Module, recorded: dict[str, Any]) -> None:
+    """An exported ``model.onnx`` read back: a plain file inside its run dir, with the checksum its manifest
+    records, and as many quantize/dequantize nodes as the manifest says and the simulated ``model`` needs (a
+    replaced graph that runs some operands in float is refused even with an updated checksum)."""
+    require_deploy()
+    import onnx
+
+    fix = "Fix: re-run that job with export=onnx."
+    if path.is_symlink() or not path.is_file() or file_sha256(path) != recorded.get("sha256"):
+        raise ModelError(f"{path} is missing, a link, or does not match the checksum in its manifest. {fix}")
+    try:
+        counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    except Exception as err:  # onnx raises protobuf's and its own errors for a damaged file
+        raise ModelError(f"{path} cannot be read as ONNX ({type(err).__name__}). {fix}") from err
+    for op_type, needed in {**recorded.get("nodes", {}), **expected_nodes(model)}.items():
+        if counts[op_type] != needed:
+            raise ModelError(
+                f"{path} has {counts[op_type]} {op_type} nodes where its export had {needed}: the graph was "
+                f"replaced. {fix}"
+            )
+
+
 def compact(proto: Any) -> Any:
     """``proto`` without the exporter's per-node debugging metadata (stack traces, source paths), with every
     initializer as raw bytes (int8 codes would otherwise take an int32 field each)."""

@@ -11,11 +11,17 @@
 
 ``load_quantized`` rebuilds the fake-quantized model from these files alone; its logits equal the exporting run's.
 Tensors are read from safetensors only: nothing is unpickled.
+
+The export is one checked unit: the manifest holds the SHA-256 of every file it names (the weights, ``model.onnx``)
+and its own ``digest`` over all of its fields, so no field or file can change without the reader seeing it; every
+field is then cross-checked against the others and against the tensors (bits, grids, codes, shapes). The digest is
+an integrity check, not a signature: whoever rewrites the files can recompute it, and the cross-checks still apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,11 +40,11 @@ from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_laye
 from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
-from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
+from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS, ONNX_FILE
 from mgrq_runner.settings import ModelSettings
 
 FORMAT = "mgrq-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest digest, required file checksums, data identity
 MANIFEST_KEYS = ("model", "method", "w_bits", "a_bits", "quant_config", "num_calib", "layers", "activation_quantizers")
 MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
@@ -156,9 +162,17 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
         "sizes": sizes,
         **entries,
     }
+    manifest = json.loads(json.dumps(manifest, default=str))  # as it will read back
+    manifest["digest"] = manifest_digest(manifest)
     manifest_path = run_dir / EXPORT_MANIFEST
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of every field of the manifest but ``digest`` itself, keys sorted."""
+    fields = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -176,7 +190,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path} is not valid JSON ({err}). Fix: re-export the run with export=true.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelError(f"{path} is not an mgrq-runner export manifest. Fix: re-export the run with export=true.")
@@ -185,21 +199,58 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
             f"{path} has format version {manifest.get('format_version')}, this mgrq-runner reads "
             f"{FORMAT_VERSION}. Fix: re-export the run with this version (export=true)."
         )
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    missing = [key for key in (*MANIFEST_KEYS, "weights_sha256", "digest") if key not in manifest]
     if missing:
         raise ModelError(f"{path} lacks {', '.join(missing)}. Fix: re-export the run with export=true.")
-    if not isinstance(manifest["model"], dict) or "name" not in manifest["model"]:
-        raise ModelError(f"{path}: its model entry has no name. Fix: re-export the run with export=true.")
-    unknown = sorted(set(manifest["quant_config"]) - {f.name for f in dataclasses.fields(QuantConfig)})
-    if unknown:
-        raise ModelError(f"{path}: quant_config has unknown keys {unknown}. Fix: re-export the run with export=true.")
-    for name, layer in manifest["layers"].items():
-        if layer.get("enabled") and layer.get("bits") != manifest["w_bits"]:
-            raise ModelError(
-                f"{path}: layer {name} has {layer.get('bits')}-bit weights but the manifest says w_bits="
-                f"{manifest['w_bits']}. Fix: re-export the run with export=true."
-            )
+    if manifest["digest"] != manifest_digest(manifest):
+        raise ModelError(
+            f"{path} was changed after it was written (its fields do not match its digest). Fix: re-export the run "
+            "with export=true."
+        )
+    check_fields(manifest, path)
     return manifest
+
+
+def check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Every field has its type, and the fields agree with each other (bits, quant_config, layers, the ONNX file)."""
+
+    def bad(what: str) -> ModelError:
+        return ModelError(f"{path}: {what}. Fix: re-export the run with export=true.")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(manifest["model"], dict) or not isinstance(manifest["model"].get("name"), str):
+        raise bad("its model entry has no name")
+    for key in ("w_bits", "a_bits", "num_calib"):
+        if not is_int(manifest[key]):
+            raise bad(f"{key}={manifest[key]!r} is not an integer")
+    quant = manifest["quant_config"]
+    if not isinstance(quant, dict):
+        raise bad("quant_config is not a mapping")
+    unknown = sorted(set(quant) - {f.name for f in dataclasses.fields(QuantConfig)})
+    if unknown:
+        raise bad(f"quant_config has unknown keys {unknown}")
+    for key in ("w_bits", "a_bits"):
+        if quant.get(key) != manifest[key]:
+            raise bad(f"{key}={manifest[key]} but quant_config.{key}={quant.get(key)!r}")
+    if not isinstance(manifest["layers"], dict) or not isinstance(manifest["activation_quantizers"], dict):
+        raise bad("layers and activation_quantizers must be mappings")
+    for name, layer in manifest["layers"].items():
+        if not isinstance(layer, dict) or not is_int(layer.get("bits")) or not isinstance(layer.get("enabled"), bool):
+            raise bad(f"layer {name} has no integer bits or no enabled flag")
+        if layer["enabled"] and layer["bits"] != manifest["w_bits"]:
+            raise bad(f"layer {name} has {layer['bits']}-bit weights but the manifest says w_bits={manifest['w_bits']}")
+    activation_bits = {manifest["a_bits"], quant.get("input_bits", manifest["a_bits"])}
+    for name, entry in manifest["activation_quantizers"].items():
+        if not isinstance(entry, dict) or not is_int(entry.get("bits")) or not isinstance(entry.get("enabled"), bool):
+            raise bad(f"activation quantizer {name} has no integer bits or no enabled flag")
+        if entry["enabled"] and entry["bits"] not in activation_bits:
+            bits = f"{entry['bits']} bits but the manifest says a_bits={manifest['a_bits']}"
+            raise bad(f"activation quantizer {name} has {bits}")
+    onnx = manifest.get("onnx")
+    if onnx is not None and (not isinstance(onnx, dict) or onnx.get("file") != ONNX_FILE or "sha256" not in onnx):
+        raise bad(f"its onnx entry must name {ONNX_FILE} in the run dir, with its sha256")
 
 
 def check_codes(name: str, codes: torch.Tensor, bits: int, run_dir: Path) -> None:
@@ -224,11 +275,11 @@ def _tampered(run_dir: Path, what: str) -> ModelError:
     return ModelError(f"the export in {run_dir} is damaged ({what}). Fix: re-export the run with export=true.")
 
 
-def _read_tensors(run_dir: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+def _read_tensors(run_dir: Path, sha256: str) -> dict[str, torch.Tensor]:
     path = run_dir / EXPORT_WEIGHTS
     if not path.is_file():
         raise ModelError(f"{run_dir} has no {EXPORT_WEIGHTS}. Fix: re-run that job with export=true.")
-    if sha256 is not None and file_sha256(path) != sha256:
+    if file_sha256(path) != sha256:
         raise _tampered(run_dir, f"{EXPORT_WEIGHTS} does not match the checksum in {EXPORT_MANIFEST}")
     try:
         return load_file(str(path))
@@ -265,12 +316,21 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> n
     """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    tensors = _read_tensors(run_dir, manifest.get("weights_sha256"))
+    tensors = _read_tensors(run_dir, manifest["weights_sha256"])
     model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
     model = quantize_(create_model(model_settings), QuantConfig(**manifest["quant_config"]))
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
     if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
         raise _mismatch(run_dir, "its quantized layers differ from the manifest's")
+    built = {**{n: q.weight_quantizer for n, q in layers.items()}, **activations}
+    entries = {**manifest["layers"], **manifest["activation_quantizers"]}
+    for name, quantizer in built.items():  # quant_config decides every quantizer: it must be the entry's
+        if quantizer.bits != entries[name]["bits"]:
+            raise _mismatch(
+                run_dir, f"{name}: quant_config gives it {quantizer.bits} bits, its entry {entries[name]['bits']}"
+            )
+        if name in activations and _quantizer_kind(quantizer) != entries[name].get("kind"):
+            raise _mismatch(run_dir, f"{name}: quant_config gives it a {_quantizer_kind(quantizer)} quantizer")
     handled: set[str] = set()
     try:
         for name, layer in layers.items():

@@ -66,7 +66,13 @@ class ReconState:
         self, directory: Path, fingerprint: dict[str, Any], on_save: Callable[[list[str]], None] | None = None
     ) -> None:
         self.directory = Path(directory)
+        if self.directory.is_symlink():
+            raise ConfigError(
+                f"{self.directory} is a symbolic link: a run writes its own files, never through a link. "
+                f"Fix: remove {self.directory}."
+            )
         self.fingerprint = fingerprint
+        self.data: dict[str, Any] | None = None  # the calibration data's identity (data.DataBundle.identity)
         self.on_save = on_save
         self.units: list[dict[str, Any]] = []  # name, file, seconds, final; in unit order
 
@@ -81,13 +87,30 @@ class ReconState:
             return
         try:
             manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"resume: {path} is not valid JSON ({err}). Fix: delete {self.directory}.") from err
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"resume: {path} has an unknown format. Fix: delete {self.directory}.")
-        check_same_config(manifest["fingerprint"], self.fingerprint, self.directory)
-        self.units = manifest["units"]
+        fingerprint, units = manifest.get("fingerprint"), manifest.get("units")
+        if not isinstance(fingerprint, dict) or not isinstance(units, list):
+            raise ConfigError(
+                f"resume: {path} lacks its {'fingerprint' if not isinstance(fingerprint, dict) else 'units'}: "
+                f"it cannot show which config made it. Fix: delete {self.directory} (the run restarts its units)."
+            )
+        check_same_config(fingerprint, self.fingerprint, self.directory)
+        self.units, self.data = units, manifest.get("data")
         log.info("resume: %d finished units in %s: %s", len(self.units), self.directory, self.names)
+
+    def use_data(self, identity: dict[str, Any]) -> None:
+        """The data the units are built on: a resumed run's saved units must have been built on the same calibration
+        images (names and contents) and classes, wherever the data now lies."""
+        if self.units and self.data is not None and self.data != identity:
+            what = "classes" if self.data.get("classes") != identity.get("classes") else "calibration images"
+            raise ConfigError(
+                f"resume: the {what} differ from those the units in {self.directory} were built on. Fix: resume with "
+                "the data.root (and calib.list) of the interrupted run, or start a new run (another hydra.run.dir)."
+            )
+        self.data = identity
 
     def clear(self) -> None:
         """Forgets any saved state (a fresh run in a used directory)."""
@@ -116,7 +139,12 @@ class ReconState:
         file = f"{index:03d}_{name}.safetensors"
         write_atomic(self.directory / file, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
         self.units.append({"name": name, "file": file, "seconds": seconds, "final": final})
-        manifest = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.units}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "data": self.data,
+            "units": self.units,
+        }
         write_text_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if self.on_save is not None:
             self.on_save(self.names)
