@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_fashion_mnist
+
 
 def mgrq_run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [
@@ -106,3 +108,36 @@ def test_default_job(tmp_path: Path) -> None:
     assert results["fp_top1"] >= 88.0, "the shipped proxy must reach 88 % top-1"
     assert results["method"] == "mgrq" and len(results["reconstruction"]) == 6  # embed, 4 blocks, head
     assert results["fp_top1"] - results["top1"] < 1.5, "mgrq at W4A4 stays within 1.5 points of FP on the proxy"
+
+
+def test_help_and_version_introduce_the_app(tmp_path: Path) -> None:
+    helped = subprocess.run([sys.executable, "-m", "mgrq_runner.cli", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith("mgrq-run: post-training quantization")
+    assert "Usage: mgrq-run [--multirun]" in helped.stdout and "mgrq-run mode=eval checkpoint=" in helped.stdout
+    assert "method: brecq, fp, mgrq" in helped.stdout and "powered by Hydra" not in helped.stdout
+    versioned = subprocess.run([sys.executable, "-m", "mgrq_runner.cli", "--version"], capture_output=True, text=True)
+    from importlib.metadata import version
+
+    from mgrq_runner import __version__
+
+    assert versioned.returncode == 0
+    assert versioned.stdout.strip().startswith(f"mgrq-run (mgrq-runner) {__version__}; torch {version('torch')}")
+
+
+@needs_fashion_mnist
+def test_a_sweep_through_submitit_runs_and_collects(tmp_path: Path) -> None:
+    """The cluster path executed: hydra/launcher=submitit_local runs each job through submitit's executor (the
+    same job function and pickling as SLURM, in local processes); mgrq-collect then tables the sweep."""
+    sweep = tmp_path / "sweep"
+    overrides = ["hydra/launcher=submitit_local", "progress=false", "debug=smoke", "data.num_eval=100"]
+    command = [sys.executable, "-m", "mgrq_runner.cli", "-m", *overrides, "method=minmax", "seed=0,1"]
+    done = subprocess.run([*command, f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.glob(".submitit/*/*_submitted.pkl"))) == 2, "each job went through submitit"
+    statuses = [json.loads(p.read_text())["status"] for p in sorted(sweep.glob("*/results.json"))]
+    assert statuses == ["done", "done"]
+    from mgrq_runner.analysis.collect import main as collect
+
+    assert collect([str(sweep)]) == 0
+    summary = (sweep / "summary.md").read_text()
+    assert "| minmax |" in summary and "from 2 runs" in summary

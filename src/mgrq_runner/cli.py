@@ -191,5 +191,24 @@ class SweepFailures(Callback):
             sys.exit(1)
 
 
-if __name__ == "__main__":
+def version() -> str:
+    """``mgrq-run --version``: this package's version and the libraries its results depend on."""
+    from importlib.metadata import version as installed
+
+    from mgrq_runner import __version__
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "timm", "hydra-core"))
+    return f"mgrq-run (mgrq-runner) {__version__}; {libraries}"
+
+
+def entry() -> None:
+    """The ``mgrq-run`` command: ``--version`` answers here (Hydra's own flag would print Hydra's version), anything
+    else goes to Hydra."""
+    if "--version" in sys.argv[1:]:
+        print(version())
+        return
     main()
+
+
+if __name__ == "__main__":
+    entry()
