@@ -7,13 +7,14 @@ train split; their identifiers (file paths or indices) are returned so a run can
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
 import os
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,8 @@ class DataBundle:
         calibration_ids: one identifier per calibration image (file path or split index).
         num_classes: number of classes of the data set.
         class_names: ``data=folder``: the class names in label order.
-        calibration_sha256: the calibration images' identity: each one's name (relative to the data root) and
-            content, in order. A resumed run and an export's evaluation compare it, not the paths.
+        calibration_digest: computes the calibration images' identity (``_calibration_digest``) when ``identity``
+            is first asked for: a run's record and resume need it, ``mode=eval`` does not read the files for it.
     """
 
     calibration: Dataset
@@ -57,13 +58,16 @@ class DataBundle:
     calibration_ids: list[str]
     num_classes: int
     class_names: list[str] | None = None  # a folder data set's classes in label order (saved in the run dir)
-    calibration_sha256: str = ""
+    calibration_digest: Callable[[], str] | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
-        """What the calibration set and the labels are, for results.json and export manifests."""
-        return {"calibration_sha256": self.calibration_sha256, "num_classes": self.num_classes,
-                "classes": self.class_names}  # fmt: skip
+        """What the calibration set and the labels are, for results.json, resume and export manifests."""
+        return {
+            "calibration_sha256": self.calibration_digest() if self.calibration_digest is not None else None,
+            "num_classes": self.num_classes,
+            "classes": self.class_names,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -462,7 +466,7 @@ def build_data(
     else:
         calibration, indices = listed_subset(train, train_keys(), calib_list, key_of)  # keys only when listed
     ids = [f"train[{i}]" for i in indices] if data.name == "fashion_mnist" else [train.samples[i][0] for i in indices]
-    digest = _calibration_digest(train, indices, None if data.name == "fashion_mnist" else root)
+    digest = functools.partial(_calibration_digest, train, indices, None if data.name == "fashion_mnist" else root)
     if heldout:
         evaluation = heldout_subset(evaluation, data.heldout_size, indices)
     if data.num_eval is not None:

@@ -7,6 +7,7 @@ that describe a model or a machine import what they need when called.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -244,8 +245,6 @@ def score_fields(scores: Mapping[str, EvalResult]) -> Results:
 
 def export_info(settings: RunSettings) -> dict[str, Any]:
     """The run's description in an export manifest."""
-    import dataclasses
-
     method, calib = settings.method, settings.calib
     assert method is not None and method.quant is not None and method.init is not None and calib is not None
     return {

@@ -261,26 +261,16 @@ def reconstruct_stage(
     """Stage ``reconstruct``: block-wise reconstruction of ``models["quant"]`` in place; loss curves saved."""
     method = settings.method
     assert method is not None and method.recon is not None and method.losses is not None
-    curves_path = settings.run_dir / RECON_CURVES
     with results_file.stage("reconstruct"), recon_progress(settings.progress) as progress:
-        curves = LossCurves(forward_to=_both(progress, on_step))
+        curves = LossCurves(settings.run_dir / RECON_CURVES, forward_to=_both(progress, on_step))
         if state is not None and state.units:  # a resumed run keeps its restored units' curves
-            curves.restore(curves_path, state.names)
-        if state is not None:  # every saved unit's curve is saved with it: a killed run keeps them for resume
-            record_units = state.on_save
-
-            def save_curves_too(names: list[str]) -> None:
-                curves.save(curves_path)
-                if record_units is not None:
-                    record_units(names)
-
-            state.on_save = save_curves_too
+            curves.restore(state.names)
         try:
             reports = reconstruct(
                 models["quant"], models["fp"], images, method.recon, method.losses, settings.seed, curves, state
             )
         finally:  # the curves so far are kept when a unit diverges
-            curves.save(curves_path)
+            curves.save()
     results_file.update(reconstruction=reconstruction_summary(reports))
 
 
@@ -404,12 +394,10 @@ def check_export_classes(manifest: dict[str, Any], bundle: DataBundle, checkpoin
     exported, mine = (manifest.get("data_identity") or {}).get("classes"), bundle.class_names
     if exported is None or mine is None or exported == mine:  # a built-in data set's labels carry no names
         return
-    first = next(
-        (i for i, (a, b) in enumerate(zip(exported, mine, strict=False)) if a != b), min(len(exported), len(mine))
-    )
+    first = next(i for i in range(max(len(exported), len(mine))) if exported[i : i + 1] != mine[i : i + 1])
+    there, here = (names[first] if first < len(names) else "none" for names in (exported, mine))
     raise ConfigError(
-        f"the data's classes are not those {checkpoint} was exported with (label {first}: "
-        f"{exported[first] if first < len(exported) else 'none'} there, {mine[first] if first < len(mine) else 'none'} "
+        f"the data's classes are not those {checkpoint} was exported with (label {first}: {there} there, {here} "
         f"here). Fix: data.root=<the tree it was made on>, or put the export's {CLASS_LIST} (in {checkpoint}) at "
         "the data root."
     )

@@ -13,9 +13,14 @@ StepCallback = Callable[[str, int, dict[str, float], int], None]
 
 
 class LossCurves:
-    """A step callback that records the loss terms per unit, then forwards them (e.g. to a progress display)."""
+    """A step callback that records the loss terms per unit, then forwards them (e.g. to a progress display).
 
-    def __init__(self, forward_to: StepCallback | None = None) -> None:
+    The curves are saved to ``path`` at every unit's last step, before the unit itself is saved for resuming: a
+    run killed at any moment keeps the curves of every unit it can resume with.
+    """
+
+    def __init__(self, path: Path, forward_to: StepCallback | None = None) -> None:
+        self.path = path
         self.curves: dict[str, dict[str, list[float]]] = {}
         self.forward_to = forward_to
 
@@ -24,16 +29,18 @@ class LossCurves:
         curve["step"].append(step)
         for name, value in terms.items():
             curve.setdefault(name, []).append(value)
+        if step == total - 1:
+            self.save()
         if self.forward_to is not None:
             self.forward_to(unit, step, terms, total)
 
-    def restore(self, path: Path, units: list[str]) -> None:
-        """Takes back the curves an interrupted run recorded in ``path`` for ``units`` (none where it has none)."""
+    def restore(self, units: list[str]) -> None:
+        """Takes back the curves an interrupted run recorded for ``units`` (none where it has none)."""
         try:
-            curves = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            curves = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return
         self.curves = {unit: curves[unit] for unit in units if unit in curves}
 
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(self.curves))
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.curves))
