@@ -7,7 +7,7 @@ EXP := outputs/experiments
 
 .PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
 	train-proxy-swin clean \
-	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-loss-grid optuna-loss
+	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-framework proxy-loss-grid optuna-loss
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -94,3 +94,14 @@ proxy-table: setup ## every method on both proxies (ViT: W4A4/W3A3/W2A4, Swin: W
 	$(call experiment,proxy_table,)
 	$(call experiment,proxy_swin_table,)
 	$(VENV)/bin/mgrq-collect $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots
+
+proxy-framework: setup ## glfq, its ablations, mgrq_glfq, mgrq_brecq on both proxies x 3 seeds (CPU, many hours), into docs/proxy/framework
+	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/main $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/w2a4 \
+		quant=w2a4 method=glfq,mgrq_glfq,mgrq_brecq $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/mgrq_brecq \
+		quant=w4a4,w3a3 method=mgrq_brecq $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_framework_swin hydra.sweep.dir=$(EXP)/proxy_framework_swin/main $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_framework_swin hydra.sweep.dir=$(EXP)/proxy_framework_swin/w4a4 \
+		quant=w4a4 method=glfq,mgrq_glfq,mgrq_brecq $(ARGS)
+	$(VENV)/bin/mgrq-collect $(EXP)/proxy_framework $(EXP)/proxy_framework_swin --out docs/proxy/framework --plots

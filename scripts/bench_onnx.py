@@ -1,7 +1,8 @@
 """ONNX deployment benchmark: FP32, this runner's W8A8 export and onnxruntime's own quantize_static W8A8.
 
 For each model (deit_s with random weights, the shipped proxy ViT) it exports the FP32 model, quantizes it with
-this runner (calibration only: speed and size do not depend on the method; two softmax quantizers) and with
+this runner (calibration only: speed and size do not depend on the method; two softmax quantizers, and the
+structure of method=glfq: rotated, RMSNorm, ReLU MLPs, uniform softmax) and with
 onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration on the same
 images), then prints, side by side: throughput at batch 1 and 32 on the given threads, file size, and the integer
 kernels in onnxruntime's optimised graph (the proof that int8 kernels run). ``--accuracy`` adds the proxy's
@@ -34,6 +35,8 @@ from mgrq_runner.deploy.onnx_export import compact, export_onnx, integer_kernels
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.quant.rotation import rotate_
+from mgrq_runner.recon.mlp_relu import swap_gelu_for_relu_
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC_BITS = {"W8A8": ("QInt8", "QUInt8"), "W4A8": ("QInt4", "QUInt8"), "W4A4": ("QInt4", "QUInt4")}
@@ -53,10 +56,19 @@ def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
     onnx.save_model(compact(program.model_proto), str(path))
 
 
-def runner_w8a8(model: torch.nn.Module, calib: torch.Tensor, out: Path, softmax: str, bits: tuple[int, int]) -> Path:
+def runner_w8a8(
+    model: torch.nn.Module, calib: torch.Tensor, out: Path, softmax: str, bits: tuple[int, int], glfq: bool = False
+) -> Path:
+    """This runner's export, calibrated only. ``glfq``: the structure of method=glfq (ReLU MLPs, the Hadamard
+    rotation's RMSNorms, no RepQ reparameterisation); its MLPs are swapped, not re-trained: speed and size do not
+    depend on their weights."""
     config = QuantConfig(w_bits=bits[0], a_bits=bits[1], softmax_quantizer=softmax)
-    quantized = quantize_(copy.deepcopy(model).eval(), config)
-    calibrate(quantized, calib.split(32), len(calib.split(32)), InitConfig(), torch.device("cpu"))
+    model = copy.deepcopy(model).eval()
+    if glfq:
+        swap_gelu_for_relu_(model)
+        rotate_(model, seed=0)
+    quantized = quantize_(model, config)
+    calibrate(quantized, calib.split(32), len(calib.split(32)), InitConfig(reparam=not glfq), torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(quantized.eval(), out, calib[:2])
     return out / "model.onnx"
@@ -141,6 +153,9 @@ def bench(name: str, threads: int, seconds: float, accuracy: bool, tmp: Path) ->
         "FP32": fp32,
         "runner W8A8 (log-sqrt2 softmax)": runner_w8a8(model, calib, out / "runner_log", "log_sqrt2", (8, 8)),
         "runner W8A8 (uniform softmax)": runner_w8a8(model, calib, out / "runner_uniform", "uniform", (8, 8)),
+        "runner W8A8 glfq (rotated, ReLU MLPs, uniform softmax)": runner_w8a8(
+            model, calib, out / "runner_glfq", "uniform", (8, 8), glfq=True
+        ),
         "quantize_static W8A8": ort_quantize_static(fp32, calib, out / "ort_w8a8.onnx", "QInt8", "QUInt8"),
     }
     print(f"\n## {name}: {threads} threads, input {list(shape)}, calibration {len(calib)} images\n")

@@ -82,3 +82,48 @@ def test_loss_weight_sweep_expands(compose_cfg) -> None:
     cfg = compose_cfg("method=mgrq", "method.loss.global_weight=10", "method.loss.local_weight=0.1")
     losses = method_of(cfg).losses
     assert losses is not None and (losses.global_weight, losses.local_weight) == (10.0, 0.1)
+
+
+# The 2025-26 framework's presets: (rotation, mlp_relu, rounding, global distance, (λG, λL), QDrop p, softmax)
+FRAMEWORK = {
+    "glfq": ("hadamard", True, "ste", "mse_feature", (0.5, 0.0), 0.5, "uniform"),
+    "glfq_no_rotation": ("none", True, "ste", "mse_feature", (0.5, 0.0), 0.5, "uniform"),
+    "glfq_no_mlp_relu": ("hadamard", False, "ste", "mse_feature", (0.5, 0.0), 0.5, "uniform"),
+    "glfq_adaround": ("hadamard", True, "adaround", "mse_feature", (0.5, 0.0), 0.5, "uniform"),
+    "mgrq_glfq": ("hadamard", True, "ste", "kl", (1.0, 1.0), 0.5, "uniform"),
+    "mgrq_brecq": ("none", False, "adaround", "kl", (1.0, 1.0), 1.0, "log_sqrt2"),
+}
+TIMM = "model=timm model.name=deit_tiny_distilled_patch16_224 model.pretrained=false"
+
+
+@pytest.mark.parametrize(
+    ("model", "method"), list(itertools.product([f"model={m}" for m in MODELS] + [TIMM], FRAMEWORK))
+)
+def test_every_framework_preset_composes(compose_cfg, model: str, method: str) -> None:
+    parsed = method_of(compose_cfg(*model.split(), "quant=w3a3", f"method={method}"))
+    rotation, mlp_relu, rounding, distance, weights, quant_prob, softmax = FRAMEWORK[method]
+    assert parsed.name == method and parsed.init is not None and parsed.quant is not None
+    assert (parsed.init.rotation, parsed.mlp_relu is not None, parsed.quant.softmax_quantizer) == (
+        rotation,
+        mlp_relu,
+        softmax,
+    )
+    assert parsed.init.reparam == (rotation == "none" and method == "mgrq_brecq")
+    recon, losses = parsed.recon, parsed.losses
+    assert recon is not None and losses is not None
+    assert (recon.rounding, recon.quant_prob, losses.global_distance) == (rounding, quant_prob, distance)
+    assert (losses.global_weight, losses.local_weight) == weights
+    proxy = model.startswith("model=proxy_")
+    if rounding == "ste":  # the model preset's STE budget; GLF-Q's 3000 iterations where it sets none
+        assert recon.iters == (1000 if proxy else 3000) and recon.weight_scale_lr > 0
+    else:
+        assert recon.iters == (1000 if proxy else 20_000)
+
+
+def test_rotation_with_the_repq_reparameterisation_is_refused(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match="method.init.reparam=false"):
+        method_of(compose_cfg("method=glfq", "method.init.reparam=true"))
+    with pytest.raises(ConfigError, match="rotation"):
+        method_of(compose_cfg("method=glfq", "method.init.rotation=random"))
+    with pytest.raises(ConfigError, match="mlp_relu_iters"):
+        method_of(compose_cfg("method=glfq", "method.init.mlp_relu_iters=0"))

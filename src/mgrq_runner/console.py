@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT, converged
+from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT, converged
 from mgrq_runner.rundir import results_path
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ def convergence_table(units: list[dict[str, Any]]) -> Table:
     )
     for column in ("unit", "block_soft", "block_hard", "hard/soft", "undecided", "converged"):
         table.add_column(column, justify="right")
+    if any("block_final" in unit for unit in units):
+        return ste_convergence_table(units)
     for unit in units:
         if "block_hard" not in unit:
             continue
@@ -107,6 +109,26 @@ def convergence_table(units: list[dict[str, Any]]) -> Table:
             f"{unit['block_hard']:.4g}",
             f"{ratio:.3f}",
             f"{unit['undecided']:.2%}",
+            "yes" if converged(unit) else "NO",
+        )
+    return table
+
+
+def ste_convergence_table(units: list[dict[str, Any]]) -> Table:
+    """Per unit tuned by STE: the calibration block loss at 90 % and 100 % of the budget, the codes moved."""
+    table = Table(title=f"convergence (STE; criterion: the last 10 % of the budget gains under {STE_PLATEAU:.0%})")
+    for column in ("unit", "block_at_90", "block_final", "last 10 %", "moved", "converged"):
+        table.add_column(column, justify="right")
+    for unit in units:
+        if "block_final" not in unit:
+            continue
+        gain = 1.0 - unit["block_final"] / max(unit["block_at_90"], 1e-12)
+        table.add_row(
+            unit["unit"],
+            f"{unit['block_at_90']:.4g}",
+            f"{unit['block_final']:.4g}",
+            f"{gain:+.2%}",
+            f"{unit['moved']:.2%}",
             "yes" if converged(unit) else "NO",
         )
     return table
@@ -140,6 +162,12 @@ def print_summary(results: dict[str, Any]) -> None:
     if results.get("reconstruction"):
         console.print(convergence_table(results["reconstruction"]))
     console.print(summary_table(results))
+    if results.get("fp_transformed_top1") is not None:
+        console.print(
+            f"transformed FP model ({', '.join(results.get('fp_transform', {}))}): top-1 "
+            f"{results['fp_transformed_top1']:.2f} (original FP {results['fp_top1']:.2f}), top-1 equal to the "
+            f"original's on {results['fp_transformed_agreement']:.2%} of images; the quantized model starts from it"
+        )
     if "agreement_with_simulation" in results:
         kernels = ", ".join(f"{op} {n}" for op, n in results["onnx"]["kernels"].items())
         console.print(

@@ -76,7 +76,11 @@ class Results(TypedDict, total=False):
     img_size: int
     crop_pct: float | None
     interpolation: str | None
-    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds
+    # method.init.rotation / mlp_relu: what the FP model's transformation did (each MLP's budget and losses,
+    # the rotation's sizes and construction)
+    fp_transform: dict[str, Any]
+    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds;
+    # STE (method.recon.rounding=ste): block_at_90, block_final, moved instead of the last three
     reconstruction: list[dict[str, Any]]
     export: dict[str, Any]  # export=true: file paths and sizes
     projection: dict[str, Any]  # dry_run=true: projected seconds (in all, per unit), peak memory
@@ -88,6 +92,9 @@ class Results(TypedDict, total=False):
     fp_top1: float | None
     fp_top5: float | None
     fp_agreement: float | None  # share of evaluation images whose top-1 class equals the FP model's
+    fp_transformed_top1: float  # the transformed FP model (rotation, ReLU MLPs), the quantized model's start
+    fp_transformed_top5: float
+    fp_transformed_agreement: float  # its top-1 agreement with the original FP model
     agreement_with_simulation: float  # eval.runtime=onnxruntime: top-1 equal to the simulated model's, share
     onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph
     num_calib: int
@@ -240,6 +247,19 @@ def score_fields(scores: Mapping[str, EvalResult]) -> Results:
         "num_eval": quant.num_images,
         "throughput": {name: round(score.images_per_second, 1) for name, score in scores.items()},
         "fp_agreement": round(quant.agreement, 5) if fp is not None else None,  # no FP model in an export
+    } | transformed_fields(scores)
+
+
+def transformed_fields(scores: Mapping[str, EvalResult]) -> Results:
+    """The transformed FP model's own scores (``method.init.rotation`` / ``mlp_relu``), when it was scored: the
+    quantized model's starting point, beside the original FP model's ``fp_top1``."""
+    transformed = scores.get("fp_transformed")
+    if transformed is None:
+        return {}
+    return {
+        "fp_transformed_top1": round(transformed.top1, 3),
+        "fp_transformed_top5": round(transformed.top5, 3),
+        "fp_transformed_agreement": round(transformed.agreement, 5),
     }
 
 
@@ -255,6 +275,8 @@ def export_info(settings: RunSettings) -> dict[str, Any]:
         "a_bits": method.quant.a_bits,
         "quant_config": dataclasses.asdict(method.quant),
         "reparam": bool(method.init.reparam),
+        "rotation": method.init.rotation,  # a rotated / ReLU-MLP model is rebuilt with that structure on load
+        "mlp_relu": method.mlp_relu is not None,
         "dataset": settings.data.name,
         "num_calib": calib.num_images,
         "seed": settings.seed,

@@ -1,6 +1,6 @@
 """The pipeline: named stages strung together by ``run(cfg)``; the Hydra CLI only calls it.
 
-    mode=run:  build -> quantize_and_calibrate -> reconstruct (or project) -> export -> score
+    mode=run:  build -> [transform] -> quantize_and_calibrate -> reconstruct (or project) -> export -> score
     mode=eval: load_export ----------------------------------------------------------> score
 
 ``run`` parses the composed config once (``settings.parse_settings``); every stage takes the ``RunSettings`` and
@@ -35,8 +35,10 @@ from mgrq_runner.files import write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant.api import quantize_
 from mgrq_runner.quant.calibrate import calibrate
+from mgrq_runner.quant.rotation import rotate_
 from mgrq_runner.recon.curves import LossCurves, StepCallback
 from mgrq_runner.recon.engine import reconstruct, reconstruction_summary
+from mgrq_runner.recon.mlp_relu import relu_mlps_
 from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.recon.state import ReconState, check_same_config
 from mgrq_runner.results import (
@@ -180,7 +182,7 @@ def _pipeline(
         state.use_data(bundle.identity)
     models = {"fp": fp_model.to(device)}
     if settings.method.quant is not None:
-        models["quant"], images = quantize_and_calibrate(fp_model, bundle, settings, results_file, device)
+        models["quant"], images = quantize_and_calibrate(models, bundle, settings, results_file, device)
         if settings.dry_run:
             projection_stage(models, images, settings, results_file)
             return {"fp_model": models["fp"], "quant_model": models["quant"], "data": bundle}
@@ -231,23 +233,55 @@ def check_classes(model: torch.nn.Module, bundle: DataBundle, settings: RunSetti
 
 
 def quantize_and_calibrate(
-    fp_model: torch.nn.Module, bundle: DataBundle, settings: RunSettings, results_file: ResultsFile, device: Any
+    models: dict[str, torch.nn.Module],
+    bundle: DataBundle,
+    settings: RunSettings,
+    results_file: ResultsFile,
+    device: Any,
 ) -> tuple[torch.nn.Module, torch.Tensor]:
-    """Stages ``quantize``, ``load_calibration``, ``calibrate``: the calibrated quantized model and the
-    calibration images (on the device)."""
+    """Stages ``load_calibration``, ``transform`` (when the method rotates the FP model or re-trains its MLPs:
+    the transformed FP model joins ``models`` as ``fp_transformed``), ``quantize``, ``calibrate``: the calibrated
+    quantized model and the calibration images (on the device)."""
     method, calib, show = settings.method, settings.calib, settings.progress
     assert method is not None and method.quant is not None and method.init is not None and calib is not None
     write_text_atomic(settings.run_dir / CALIBRATION_LIST, "\n".join(bundle.calibration_ids) + "\n")
-    with results_file.stage("quantize"):
-        quant_model = quantize_(copy.deepcopy(fp_model), method.quant)
     calib_loader = create_loader(bundle.calibration, calib.batch_size, settings.data.workers)
     with results_file.stage("load_calibration"):
         images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
         images = images.to(device)
+    if method.init.rotation != "none" or method.mlp_relu is not None:
+        with results_file.stage("transform"):
+            models["fp_transformed"] = transform_fp_model(models["fp"], images, settings, results_file)
+    with results_file.stage("quantize"):
+        quant_model = quantize_(copy.deepcopy(teacher(models)), method.quant)
     batches = images.split(calib.batch_size)
     with results_file.stage("calibrate"):
         calibrate(quant_model, track(batches, len(batches), "calibrate", show), len(batches), method.init, device)
     return quant_model, images
+
+
+def teacher(models: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The FP model the quantized one is made from and reconstructed against: the transformed one, if any."""
+    return models.get("fp_transformed", models["fp"])
+
+
+def transform_fp_model(
+    fp_model: torch.nn.Module, images: torch.Tensor, settings: RunSettings, results_file: ResultsFile
+) -> torch.nn.Module:
+    """A copy of ``fp_model`` with its MLPs' GELU replaced by ReLU and re-trained (``method.init.mlp_relu``), then
+    rotated (``method.init.rotation``); what each did goes to results.json's ``fp_transform``."""
+    method = settings.method
+    assert method is not None and method.init is not None
+    model = copy.deepcopy(fp_model)
+    record: dict[str, Any] = {}
+    if method.mlp_relu is not None:
+        config = method.mlp_relu
+        mlps = relu_mlps_(model, images, config, settings.seed)
+        record["mlp_relu"] = {"iters": config.iters, "lr": config.lr, "batch_size": config.batch_size, "mlps": mlps}
+    if method.init.rotation != "none":
+        record["rotation"] = rotate_(model, settings.seed)
+    results_file.update(fp_transform=record)
+    return model.eval()
 
 
 def reconstruct_stage(
@@ -267,7 +301,7 @@ def reconstruct_stage(
             curves.restore(state.names)
         try:
             reports = reconstruct(
-                models["quant"], models["fp"], images, method.recon, method.losses, settings.seed, curves, state
+                models["quant"], teacher(models), images, method.recon, method.losses, settings.seed, curves, state
             )
         finally:  # the curves so far are kept when a unit diverges
             curves.save()
@@ -281,7 +315,7 @@ def projection_stage(
     method = settings.method
     assert method is not None and method.recon is not None and method.losses is not None
     with results_file.stage("projection"):
-        projection = project(models["quant"], models["fp"], images, method.recon, method.losses, settings.seed)
+        projection = project(models["quant"], teacher(models), images, method.recon, method.losses, settings.seed)
     results_file.update(
         status="projected",
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),

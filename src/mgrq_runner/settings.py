@@ -31,6 +31,7 @@ from mgrq_runner.models import PROXIES
 from mgrq_runner.quant.api import QuantConfig
 from mgrq_runner.quant.calibrate import InitConfig
 from mgrq_runner.recon.config import LossConfig, ReconConfig
+from mgrq_runner.recon.mlp_relu import MlpReluConfig
 from mgrq_runner.resume import list_sha256, resume_target
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|claim|cuda(:\d+)?)$")
@@ -169,6 +170,7 @@ class MethodSettings:
     init: InitConfig | None
     recon: ReconConfig | None  # None: no reconstruction (fp, minmax, repq)
     losses: LossConfig | None
+    mlp_relu: MlpReluConfig | None = None  # method.init.mlp_relu=true: the FP MLPs' ReLU reconstruction budget
 
     @property
     def reconstructs(self) -> bool:
@@ -345,7 +347,7 @@ def _eval_settings(config: dict[str, Any], mode: str, device: str) -> EvalSettin
 def _method_settings(config: dict[str, Any]) -> MethodSettings:
     """The method's objects, each checking its own fields (bits, ranges, loss names)."""
     method = config["method"]
-    quant = init = recon = losses = None
+    quant = init = recon = losses = mlp_relu = None
     if method.get("quantize"):
         init_node = method["init"]
         quant = QuantConfig(
@@ -359,11 +361,19 @@ def _method_settings(config: dict[str, Any]) -> MethodSettings:
             percentiles=tuple(init_node["percentiles"]),
             reparam=init_node["reparam"],
             observer_samples=init_node["observer_samples"],
+            rotation=init_node.get("rotation", "none"),
+            mlp_relu=init_node.get("mlp_relu", False),
         )
+        if init.mlp_relu:
+            mlp_relu = MlpReluConfig(
+                iters=init_node["mlp_relu_iters"],
+                lr=init_node["mlp_relu_lr"],
+                batch_size=init_node["mlp_relu_batch_size"],
+            )
     if method.get("recon") is not None:
         recon = ReconConfig(**method["recon"])
         losses = LossConfig(**{**method["loss"], "local_layers": tuple(method["loss"]["local_layers"])})
-    return MethodSettings(str(method["name"]), quant, init, recon, losses)
+    return MethodSettings(str(method["name"]), quant, init, recon, losses, mlp_relu)
 
 
 def _checkpoint(config: dict[str, Any]) -> Path:

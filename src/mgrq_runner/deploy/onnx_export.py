@@ -358,10 +358,21 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
             if log_sqrt2
             else "uniform QuantizeLinear/DequantizeLinear"
         ),
-        "float_ops": "LayerNorm, Softmax, GELU, residual adds",
+        "float_ops": ", ".join([*float_modules(model), "Softmax", "residual adds"]),
         "nodes": {op_type: counts[op_type] for op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")},
         "size_mb": round(path.stat().st_size / 1e6, 6),
     }
+
+
+def float_modules(model: nn.Module) -> list[str]:
+    """The kinds of norm and MLP activation the graph computes in float (LayerNorm or a rotation's RMSNorm; GELU
+    or the ReLU of the MLP reconstruction), in order of first appearance."""
+    names = []
+    for module in model.modules():
+        name = type(module).__name__
+        if ("Norm" in name or name in ("GELU", "ReLU")) and name not in names:
+            names.append(name)
+    return names
 
 
 # -- onnxruntime -------------------------------------------------------------------------------------------------

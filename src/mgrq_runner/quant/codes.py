@@ -6,12 +6,13 @@ import torch
 
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.modules import QuantWeightLayer
+from mgrq_runner.recon.ste import SteRounding
 
 
 def weight_grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
-    if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on
-        return layer.rounding.scale, layer.rounding.zero_point
+    if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on, STE its learned one
+        return layer.rounding.scale.detach().clamp(min=primitives.SCALE_EPS), layer.rounding.zero_point
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     return layer.weight_quantizer.scale.reshape(shape), layer.weight_quantizer.zero_point.reshape(shape)
 
@@ -20,15 +21,18 @@ def weight_grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
 def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
     """The integer codes (uint8) behind the layer's fake-quantized weight.
 
-    AdaRound layers: ``floor + 1[V >= 0] + zero_point``, clamped; others: ``quantize(weight)`` on the weight
-    quantizer's grid. Raises RuntimeError if the codes do not reproduce the weight the layer computes with.
+    AdaRound layers: ``floor + 1[V >= 0] + zero_point``, clamped; STE layers: the learned weight's codes on the
+    learned grid; others: ``quantize(weight)`` on the weight quantizer's grid. Raises RuntimeError if the codes do
+    not reproduce the weight the layer computes with.
     """
     bits = layer.weight_quantizer.bits
     scale, zero_point = weight_grid(layer)
     rounding = layer.rounding
-    if rounding is not None:
-        if not rounding.hard:
-            raise RuntimeError("AdaRound is not hardened: export after reconstruction has finished")
+    if rounding is not None and not rounding.hard:
+        raise RuntimeError("the rounding is not hardened: export after reconstruction has finished")
+    if isinstance(rounding, SteRounding):
+        codes = rounding.codes()
+    elif rounding is not None:
         codes = torch.clamp(
             rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, primitives.qmax(bits)
         )

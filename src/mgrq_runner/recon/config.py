@@ -15,6 +15,7 @@ from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTA
 # ``attn @ v``) and the output of ``attn @ v``.
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
 LOCAL_TARGET_DTYPES = ("float32", "bfloat16")
+ROUNDINGS = ("adaround", "ste")  # what a unit's weights learn (docs/method.md sections 2 and 9)
 
 
 TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
@@ -45,9 +46,15 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     learn_log_delta: bool = False
+    rounding: str = "adaround"  # adaround: up or down on a fixed grid | ste: the weight and its step, round-to-nearest
+    weight_scale_lr: float = 0.0  # ste: Adam lr of the per-channel weight steps (0: the steps stay fixed)
 
     def __post_init__(self) -> None:
         check_types(self, "method.recon")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"method.recon.rounding={self.rounding!r} is unknown. Fix: one of {ROUNDINGS}.")
+        if self.weight_scale_lr < 0:
+            raise ConfigError(f"method.recon.weight_scale_lr={self.weight_scale_lr} must be >= 0.")
         if self.iters < 1 or self.batch_size < 1:
             raise ConfigError(f"method.recon.iters={self.iters} and batch_size={self.batch_size} must be >= 1.")
         if not 0.0 <= self.quant_prob <= 1.0:

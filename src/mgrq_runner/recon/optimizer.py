@@ -29,7 +29,11 @@ from mgrq_runner.recon.cache import (
 )
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.losses import block_loss, global_loss, local_loss
+from mgrq_runner.recon.ste import SteRounding
 from mgrq_runner.recon.units import Unit, fp_remainder
+
+Rounding = AdaRound | SteRounding
+STE_CHECK_AT = 0.9  # STE's convergence report: the calibration block loss at 90 % and at 100 % of the budget
 
 # The unit's output pushed through the frozen FP rest of the model: logits (or the pre-head feature). None for
 # the head, whose own output already is the logits.
@@ -67,12 +71,13 @@ def qdrop_input(x_q: torch.Tensor, x_fp: torch.Tensor, quant_prob: float, genera
     return torch.lerp(x_fp, x_q, random_mask(x_q, quant_prob, generator))
 
 
-def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[AdaRound], list[nn.Parameter]]:
-    """Attaches AdaRound to every quantized layer, makes step sizes learnable, turns QDrop on."""
-    roundings = []
+def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[Rounding], list[nn.Parameter]]:
+    """Attaches AdaRound (or STE tuning) to every quantized layer, makes step sizes learnable, turns QDrop on."""
+    roundings: list[Rounding] = []
+    kind = SteRounding if recon.rounding == "ste" else AdaRound
     for _, layer in quant_layers(module):
         layer.unfreeze()
-        layer.rounding = AdaRound(layer.weight.detach(), layer.weight_quantizer).to(layer.weight.device)
+        layer.rounding = kind(layer.weight.detach(), layer.weight_quantizer).to(layer.weight.device)
         roundings.append(layer.rounding)
     scales = []
     for _, quantizer in activation_quantizers(module):
@@ -86,8 +91,9 @@ def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[AdaRound],
     return roundings, scales
 
 
-def harden_unit(module: nn.Module, roundings: list[AdaRound], scales: list[nn.Parameter]) -> None:
-    """Fixes the rounding (``h(V) -> 1[V >= 0]``), freezes step sizes, turns QDrop off."""
+def harden_unit(module: nn.Module, roundings: list[Rounding], scales: list[nn.Parameter]) -> None:
+    """Fixes the rounding (AdaRound: ``h(V) -> 1[V >= 0]``; STE: exact codes), freezes step sizes, turns QDrop
+    off."""
     for rounding in roundings:
         rounding.hard = True
     for parameter in scales:
@@ -125,7 +131,12 @@ class UnitOptimizer:
         self.recon, self.losses = recon, losses
         self.roundings, self.scales = prepare_unit(unit.module, recon)
         self.fusion = losses.new_fusion()
-        self.weight_optimizer = torch.optim.Adam([r.variable for r in self.roundings], lr=recon.weight_lr)
+        self.ste = recon.rounding == "ste"
+        self.block_at_check: float | None = None  # STE: the calibration block loss at STE_CHECK_AT of the budget
+        groups: list[dict] = [{"params": [r.variable for r in self.roundings], "lr": recon.weight_lr}]
+        if self.ste and recon.weight_scale_lr > 0:
+            groups.append({"params": [r.scale for r in self.roundings], "lr": recon.weight_scale_lr})
+        self.weight_optimizer = torch.optim.Adam(groups)
         self.scale_optimizer = torch.optim.Adam(self.scales, lr=recon.scale_lr) if self.scales else None
         self.scale_schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_optimizer, T_max=recon.iters)
@@ -169,7 +180,7 @@ class UnitOptimizer:
         inputs = qdrop_input(pick(x_q, images), pick(x_fp, images), recon.quant_prob, generator)
         terms = self.loss_terms(inputs, images, step % self.losses.global_every == 0)
         beta = rounding_beta(step, recon.iters, recon.round_warmup, recon.beta_start, recon.beta_end)
-        if beta is not None:
+        if beta is not None and not self.ste:  # STE has no rounding to push to 0 or 1
             terms["rounding"] = torch.stack([r.regularizer(beta) for r in self.roundings]).sum()
         total = self.fusion(terms, step / recon.iters)
         if not torch.isfinite(total):
@@ -186,15 +197,36 @@ class UnitOptimizer:
         if self.scale_optimizer is not None and self.scale_schedule is not None:
             self.scale_optimizer.step()
             self.scale_schedule.step()
+        if self.ste and step + 1 == max(1, round(STE_CHECK_AT * recon.iters)):
+            self.block_at_check = self._calibration_block_loss(x_q)
         return {k: v.detach() for k, v in terms.items()}
+
+    def _calibration_block_loss(self, x_q: torch.Tensor) -> float:
+        """The block loss on the whole calibration set, quantized input, no QDrop (QDrop's setting is kept)."""
+        probs = [(q, q.quant_prob) for _, q in activation_quantizers(self.unit.module)]
+        _qdrop_off(self.unit.module)
+        try:
+            return calibration_block_loss(self.unit, x_q, self.targets.output, self.recon.batch_size)
+        finally:
+            for quantizer, prob in probs:
+                quantizer.quant_prob = prob
 
     def harden(self, x_q: torch.Tensor) -> dict[str, float]:
         """Hardens the unit and reports its convergence (docs/method.md section 5, ``recon.convergence``).
 
-        ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized input, no
-        QDrop) just before and just after hardening; ``undecided`` is the fraction of rounding variables with
-        ``0.01 < h(V) < 0.99`` at the end.
+        AdaRound: ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized
+        input, no QDrop) just before and just after hardening; ``undecided`` is the fraction of rounding variables
+        with ``0.01 < h(V) < 0.99`` at the end. STE: ``block_at_90`` and ``block_final``, the same block loss at
+        90 % and at the end of the budget (no soft/hard gap to report), and ``moved``, the share of codes away from
+        the FP weight's round-to-nearest.
         """
+        if self.ste:
+            harden_unit(self.unit.module, self.roundings, self.scales)
+            block_final = calibration_block_loss(self.unit, x_q, self.targets.output, self.recon.batch_size)
+            at_check = block_final if self.block_at_check is None else self.block_at_check
+            moved = [(r.moved_share(), r.weight.numel()) for r in self.roundings]
+            share = sum(s * n for s, n in moved) / max(1, sum(n for _, n in moved))
+            return {"block_at_90": at_check, "block_final": block_final, "moved": share}
         with torch.no_grad():
             soft = torch.cat([r.soft_rounding().flatten() for r in self.roundings])
             undecided = ((soft > 0.01) & (soft < 0.99)).float().mean().item()

@@ -23,6 +23,7 @@ from torch import nn
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.quant.api import quant_layers
+from mgrq_runner.recon.adaround import AdaRound
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Pat
 
 
 def _derived_keys(module: nn.Module) -> set[str]:
-    """State that reconstruction never changes or recomputes exactly: FP weights, AdaRound's ``floor``."""
+    """State that reconstruction never changes or recomputes exactly: FP weights, AdaRound's ``floor`` (STE's
+    tuned weight and step are saved: they are its result)."""
     keys = set()
     for name, layer in quant_layers(module):
         prefix = f"{name}." if name else ""
         keys.add(f"{prefix}weight")
-        if layer.rounding is not None:
+        if isinstance(layer.rounding, AdaRound):
             keys.add(f"{prefix}rounding.floor")
     return keys
 
