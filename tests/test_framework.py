@@ -86,3 +86,10 @@ def test_an_interrupted_glfq_run_resumes_to_the_same_model(glfq_run, tmp_path) -
         assert results[key] == expected[key], key
     pairs = zip(expected["reconstruction"], results["reconstruction"], strict=True)
     assert all({**old, "seconds": new["seconds"]} == new for old, new in pairs), "the same losses, unit by unit"
+
+
+def test_a_dry_run_projects_the_transformed_structure_without_training_it(tmp_path) -> None:
+    results, objects = run(compose_config(tmp_path, *TINY, "dry_run=true"))
+    assert results["status"] == "projected" and results["projection"]["seconds"] > 0
+    assert results["fp_transform"]["mlp_relu"]["swapped_only"] == 4
+    assert all(isinstance(block.mlp.act, torch.nn.ReLU) for block in objects["quant_model"].blocks)

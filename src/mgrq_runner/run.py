@@ -38,7 +38,7 @@ from mgrq_runner.quant.calibrate import calibrate
 from mgrq_runner.quant.rotation import rotate_
 from mgrq_runner.recon.curves import LossCurves, StepCallback
 from mgrq_runner.recon.engine import reconstruct, reconstruction_summary
-from mgrq_runner.recon.mlp_relu import relu_mlps_
+from mgrq_runner.recon.mlp_relu import relu_mlps_, swap_gelu_for_relu_
 from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.recon.state import ReconState, check_same_config
 from mgrq_runner.results import (
@@ -269,12 +269,15 @@ def transform_fp_model(
     fp_model: torch.nn.Module, images: torch.Tensor, settings: RunSettings, results_file: ResultsFile
 ) -> torch.nn.Module:
     """A copy of ``fp_model`` with its MLPs' GELU replaced by ReLU and re-trained (``method.init.mlp_relu``), then
-    rotated (``method.init.rotation``); what each did goes to results.json's ``fp_transform``."""
+    rotated (``method.init.rotation``); what each did goes to results.json's ``fp_transform``. A ``dry_run`` swaps
+    the activations without re-training: the projection times the reconstruction of that structure only."""
     method = settings.method
     assert method is not None and method.init is not None
     model = copy.deepcopy(fp_model)
     record: dict[str, Any] = {}
-    if method.mlp_relu is not None:
+    if method.mlp_relu is not None and settings.dry_run:  # the structure the projection needs, not the training
+        record["mlp_relu"] = {"swapped_only": swap_gelu_for_relu_(model), "note": "dry_run: not re-trained"}
+    elif method.mlp_relu is not None:
         config = method.mlp_relu
         mlps = relu_mlps_(model, images, config, settings.seed)
         record["mlp_relu"] = {"iters": config.iters, "lr": config.lr, "batch_size": config.batch_size, "mlps": mlps}

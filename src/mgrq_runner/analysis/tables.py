@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mgrq_runner.analysis.published import PUBLISHED
 from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write_runs_csv
-from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, UNDECIDED_LIMIT
+from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
 TIMING_CSV = "timing.csv"  # the runs of a collection's s/run column (mgrq-collect --timing)
@@ -33,7 +33,20 @@ MODEL_NAMES = {
     "swin_s": "Swin-S",
     "swin_b": "Swin-B",
 }
-METHOD_ORDER = ["fp", "minmax", "repq", "brecq", "qdrop", "mgrq"]
+METHOD_ORDER = [
+    "fp",
+    "minmax",
+    "repq",
+    "brecq",
+    "qdrop",
+    "mgrq",
+    "mgrq_brecq",
+    "glfq",
+    "glfq_no_rotation",
+    "glfq_no_mlp_relu",
+    "glfq_adaround",
+    "mgrq_glfq",
+]
 NO_VALUE = "—"
 
 
@@ -68,7 +81,7 @@ def model_key(model: str) -> tuple[int, str]:
 
 
 def method_key(label: str) -> tuple[int, str]:
-    """Sort key: fp, minmax, repq, brecq, qdrop, mgrq, mgrq ablations (sorted), then the rest alphabetically."""
+    """Sort key: ``METHOD_ORDER``, then mgrq ablations (sorted), then the rest alphabetically."""
     if label in METHOD_ORDER:
         return (METHOD_ORDER.index(label), "")
     if label.startswith("mgrq ("):
@@ -217,7 +230,8 @@ def summary_markdown(records: Sequence[RunRow], timing: Sequence[RunRow] | None 
     if reconstructed:
         missed = [r for r in reconstructed if r.unconverged]
         parts.append(
-            f"Convergence (block_hard <= {HARDENING_JUMP_LIMIT} block_soft, under {UNDECIDED_LIMIT:.0%} undecided): "
+            f"Convergence (AdaRound: block_hard <= {HARDENING_JUMP_LIMIT} block_soft, under {UNDECIDED_LIMIT:.0%} "
+            f"undecided; STE: the last 10 % of the budget lowers the block loss by under {STE_PLATEAU:.0%}): "
             f"{len(reconstructed) - len(missed)} of {len(reconstructed)} reconstructed runs met it on every unit.\n"
             + "".join(
                 f"- {r.setting} {r.method} {r.model} seed {r.seed}: {', '.join(r.unconverged or [])}\n" for r in missed
