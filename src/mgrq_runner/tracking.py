@@ -58,12 +58,21 @@ SCORES = (
     "fp_top1",
     "fp_top5",
     "fp_agreement",
+    "fp_transformed_top1",
+    "fp_transformed_top5",
+    "fp_transformed_agreement",
     "agreement_with_simulation",
     "num_calib",
     "num_eval",
     "param_count",
 )
-GROUPS = {"time": "times", "throughput": "throughput", "export": "export", "projection": "projection"}
+GROUPS = {
+    "time": "times",
+    "throughput": "throughput",
+    "export": "export",
+    "projection": "projection",
+    "fp_transform": "fp_transform",
+}
 TAGS = ("model", "preset", "method", "w_bits", "a_bits", "dataset", "eval_split", "seed", "git_sha", "machine")
 ARTIFACTS = (RESULTS, RECON_CURVES, CALIBRATION_LIST, CLASS_LIST, EXPORT_MANIFEST, "cli.log")
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml")  # logged under hydra/
