@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 ARGS ?=
 IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
+PORT ?= 5000
 
 .PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
-	train-proxy-swin clean \
+	train-proxy-swin clean mlflow-ui \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-framework proxy-loss-grid optuna-loss
 
 help: ## list the targets
@@ -38,6 +39,10 @@ train-proxy: setup ## retrain the shipped proxy ViT on Fashion-MNIST (CPU, about
 
 train-proxy-swin: setup ## retrain the shipped Swin proxy on Fashion-MNIST (CPU, 1-2 hours)
 	$(PY) scripts/train_proxy.py --model proxy_swin --epochs 30 --threads 1
+
+mlflow-ui: setup ## MLflow's UI over logger=mlflow's default store (outputs/mlflow.db) on http://127.0.0.1:5000 (PORT=)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns outputs/experiments

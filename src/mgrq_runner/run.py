@@ -60,6 +60,7 @@ from mgrq_runner.rundir import (
     results_path,
 )
 from mgrq_runner.settings import ModelSettings, RunSettings, parse_settings
+from mgrq_runner.tracking import tracked
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ def _run_job(settings: RunSettings, on_step: StepCallback | None) -> Outcome:
             resumable={"finished_units": names, "state_dir": str(state.directory)}
         )
         state.on_save(state.names)
-    with failure_recorded(results_file):
+    with failure_recorded(results_file), tracked(settings) as tracker:  # logger=: checked before any work
         objects = _pipeline(settings, results_file, state, on_step)
+    tracker.finish()  # from the files the run wrote: results.json says done whatever the tracker does
     if results_file.data["status"] == "projected":
         return dict(results_file.data), objects
     if state is not None:
@@ -403,7 +405,7 @@ def _run_eval_job(settings: RunSettings) -> Outcome:
         )
     results_file = ResultsFile(results_path(settings.run_dir), eval_fields(settings, manifest))
     num_calib = int(manifest["num_calib"])
-    with failure_recorded(results_file):
+    with failure_recorded(results_file), tracked(settings) as tracker:
         seed_everything(settings.seed)
         device = resolve_device(settings.device)
         with results_file.stage("load_checkpoint"):
@@ -421,6 +423,7 @@ def _run_eval_job(settings: RunSettings) -> Outcome:
             same = scores["onnxruntime"].predictions == scores["simulation"].predictions
             results_file.update(agreement_with_simulation=round(float(same.float().mean()), 5))
         results_file.update(num_calib=num_calib)
+    tracker.finish()
     print_summary(results_file.data)
     return dict(results_file.data), {"fp_model": None, "quant_model": model, "data": bundle}
 

@@ -27,6 +27,12 @@ EXPORT_MANIFEST = "quantized_model.json"  # what the export holds: bits, method,
 ONNX_FILE = "model.onnx"  # export=onnx: the model with QuantizeLinear/DequantizeLinear (deploy.onnx_export)
 LOCK = ".lock"  # held (flock) while a run is active: the pid and start time of its owner
 SWEEP_JOBS = ".sweep_jobs"  # in a sweep dir: one file per job, what it did in this sweep (cli.SweepJob)
+TRACKING_RUN = "tracking_run.json"  # logger=mlflow: the store, experiment and run id this run logs to (tracking)
+TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: the run's event files
+
+# Outside run directories: logger=mlflow's default store, relative to the working directory (Makefile: mlflow-ui)
+MLFLOW_STORE = "outputs/mlflow.db"  # sqlite:///<cwd>/outputs/mlflow.db unless MLFLOW_TRACKING_URI names another
+MLFLOW_ARTIFACTS = "mlartifacts"  # beside a SQLite store: the artifacts of the experiments the runner creates there
 
 
 def results_path(run_dir: str | Path) -> Path:

@@ -33,6 +33,7 @@ from mgrq_runner.quant.calibrate import InitConfig
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.mlp_relu import MlpReluConfig
 from mgrq_runner.resume import list_sha256, resume_target
+from mgrq_runner.rundir import MLFLOW_STORE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|claim|cuda(:\d+)?)$")
 EVAL_BACKENDS = ("auto", "gloo", "nccl")
@@ -41,6 +42,9 @@ EVAL_SPLITS = ("val", "heldout")
 DATA_SETS = ("fashion_mnist", "imagenet", "folder")
 DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 DEPLOY_HINT = "pip install -e '.[deploy]' (onnx, onnxruntime, onnxscript)"
+LOGGERS = ("none", "mlflow", "tensorboard")
+TRACKING_HINT = "pip install -e '.[tracking]' (mlflow, tensorboard)"
+DEFAULT_EXPERIMENT = "mgrq-runner"  # logger=mlflow: the experiment of a single run unless logger.experiment names one
 
 
 # ---------------------------------------------------------------------------------------------- the objects
@@ -162,6 +166,64 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class LoggerSettings:
+    """Experiment tracking (``logger=``; ``tracking.py``): where a run's config, scores and curves also go.
+
+    Attributes:
+        name: none | mlflow | tensorboard.
+        tracking_uri: mlflow: ``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the SQLite store
+            ``outputs/mlflow.db`` under the working directory (as an absolute URI).
+        uri_source: which of the three it is, for messages.
+        experiment: ``logger.experiment`` as given (None: ``experiment_name`` decides).
+        sweep_dir: a sweep's job: the sweep's directory (its default experiment and a tag); None for a single run.
+    """
+
+    name: str = "none"
+    tracking_uri: str | None = None
+    uri_source: str | None = None
+    experiment: str | None = None
+    sweep_dir: Path | None = None
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment: ``logger.experiment``, else a sweep's ``<parent>/<name>`` (one experiment per
+        sweep), else ``mgrq-runner``."""
+        if self.experiment is not None:
+            return self.experiment
+        if self.sweep_dir is not None:
+            return f"{self.sweep_dir.parent.name}/{self.sweep_dir.name}"
+        return DEFAULT_EXPERIMENT
+
+    @classmethod
+    def parse(cls, node: Mapping[str, Any] | None, sweep_dir: str | None) -> LoggerSettings:
+        """From the ``logger`` node (None: no tracking) and, in a sweep, its directory."""
+        logger = _plain(node if node is not None else {"name": "none"}, "logger")
+        name = _check_choice(logger, "logger", "name", LOGGERS)
+        for key in ("tracking_uri", "experiment"):
+            value = logger.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(
+                    f"logger.{key}={value!r} is not allowed. Fix: logger.{key}=<a non-empty text> or null."
+                )
+        if name == "none":
+            return cls()
+        package = "mlflow" if name == "mlflow" else "tensorboard"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logger={name} needs {package}, which is not installed. Fix: {TRACKING_HINT}, or logger=none."
+            )
+        sweep = Path(sweep_dir).absolute() if sweep_dir is not None else None
+        if name == "tensorboard":
+            return cls(name=name, sweep_dir=sweep)
+        uri, source = logger.get("tracking_uri"), "logger.tracking_uri"
+        if uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+            uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+        if uri is None:  # sqlite:// and an absolute path: sqlite:////<path>
+            uri, source = f"sqlite:///{(Path.cwd() / MLFLOW_STORE).absolute()}", "the default store"
+        return cls(name, uri, source, logger.get("experiment"), sweep)
+
+
+@dataclass(frozen=True)
 class MethodSettings:
     """The method: its quantizers, their initialisation, and reconstruction (None where the method has none)."""
 
@@ -200,6 +262,7 @@ class RunSettings:
     calib: CalibSettings | None
     method: MethodSettings | None
     config: Mapping[str, Any]  # the resolved config as results.json records it (plus calib.list_sha256)
+    logger: LoggerSettings = LoggerSettings()  # experiment tracking (logger=)
 
     def in_run_dir(self, run_dir: Path) -> RunSettings:
         """The same settings writing into ``run_dir`` (a resumed run's), its record saying so."""
@@ -233,6 +296,8 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
     if export == "onnx" or evaluation.runtime == "onnxruntime":
         require_deploy()
     data = DataSettings.parse(config["data"])
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    logger = LoggerSettings.parse(config.get("logger"), sweep_dir(hydra_cfg))
 
     method = calib = checkpoint = None
     run_dir, resuming = Path(str(config["output_dir"])), False
@@ -260,7 +325,7 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
         seed=seed,
         device=device,
         threads=threads,
-        concurrent_jobs=launcher_jobs(HydraConfig.get() if HydraConfig.initialized() else None),
+        concurrent_jobs=launcher_jobs(hydra_cfg),
         progress=progress,
         export=export in (True, "onnx"),
         export_onnx=export == "onnx",
@@ -274,6 +339,7 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
         calib=calib,
         method=method,
         config=config,
+        logger=logger,
     )
     return settings.in_run_dir(run_dir) if run_dir != settings.run_dir else settings
 
@@ -302,6 +368,13 @@ def launcher_jobs(hydra_cfg: DictConfig | None) -> int:
     if not isinstance(n_jobs, int) or n_jobs == 0:
         return 1
     return n_jobs if n_jobs > 0 else max(1, CPU_CORES + 1 + n_jobs)
+
+
+def sweep_dir(hydra_cfg: DictConfig | None) -> str | None:
+    """A sweep's job: the sweep's directory; None for a single run."""
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return str(hydra_cfg.sweep.dir)
 
 
 def require_deploy() -> None:

@@ -15,20 +15,27 @@ StepCallback = Callable[[str, int, dict[str, float], int], None]
 class LossCurves:
     """A step callback that records the loss terms per unit, then forwards them (e.g. to a progress display).
 
+    Every term's list is aligned with the unit's ``step`` list: a term not computed at a reported step (the
+    rounding regulariser during its warm-up, a global term skipped by ``global_every``) holds null there.
+
     The curves are saved to ``path`` at every unit's last step, before the unit itself is saved for resuming: a
     run killed at any moment keeps the curves of every unit it can resume with.
     """
 
     def __init__(self, path: Path, forward_to: StepCallback | None = None) -> None:
         self.path = path
-        self.curves: dict[str, dict[str, list[float]]] = {}
+        self.curves: dict[str, dict[str, list[float | None]]] = {}
         self.forward_to = forward_to
 
     def __call__(self, unit: str, step: int, terms: dict[str, float], total: int) -> None:
         curve = self.curves.setdefault(unit, {"step": []})
+        earlier = len(curve["step"])
         curve["step"].append(step)
         for name, value in terms.items():
-            curve.setdefault(name, []).append(value)
+            curve.setdefault(name, [None] * earlier).append(value)
+        for values in curve.values():
+            if len(values) == earlier:  # a term not computed at this step
+                values.append(None)
         if step == total - 1:
             self.save()
         if self.forward_to is not None:
