@@ -1,6 +1,6 @@
 """The pipeline: named stages strung together by ``run(cfg)``; the Hydra CLI only calls it.
 
-    mode=run:  build -> [transform] -> quantize_and_calibrate -> reconstruct (or project) -> export -> score
+    mode=run:  build -> quantize_and_calibrate (with the FP transform) -> reconstruct (or project) -> export -> score
     mode=eval: load_export ----------------------------------------------------------> score
 
 ``run`` parses the composed config once (``settings.parse_settings``); every stage takes the ``RunSettings`` and
