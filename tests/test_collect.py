@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from mgrq_runner.analysis.plots import plot_loss_grid, plot_recon_curves
-from mgrq_runner.analysis.runs import RUNS_CSV_COLUMNS, find_runs, load_run, load_runs, method_label
+from mgrq_runner.analysis.runs import KILLED, RUNS_CSV_COLUMNS, find_runs, load_run, load_runs, method_label
 from mgrq_runner.analysis.tables import summary_markdown, write_summary
+from mgrq_runner.rundir import LOCK, locked
 
 MODELS = {"deit_s": "deit_small_patch16_224.fb_in1k", "proxy_vit": "proxy_vit"}
 REPQ_DEIT_S = [68.91, 69.40, 68.75]  # the W4A4 repq DeiT-S cell, three seeds
@@ -399,3 +400,20 @@ def test_the_machines_of_a_collection_are_named_and_mixed_settings_flagged(tmp_p
     again = load_runs([tmp_path / "out" / "runs.csv"])
     assert sorted(r.machine or "" for r in again) == sorted(r.machine or "" for r in records)
     assert summary_markdown(again) == text
+
+
+def test_a_running_record_is_killed_only_when_no_process_holds_its_run_dir(tmp_path: Path) -> None:
+    """results.json says running: so it stays while the run dir's lock is held or there is no lock to ask (an old
+    or copied run dir); a free lock means the process ended without a word: interrupted, error KILLED."""
+    run_dir = tmp_path / "w4a4" / "mgrq_proxy_vit_s0"
+    run_dir.mkdir(parents=True)
+    fields = {"status": "running", "method": "mgrq", "preset": "proxy_vit", "w_bits": 4, "a_bits": 4, "seed": 0}
+    (run_dir / "results.json").write_text(json.dumps(fields))
+    assert load_run(run_dir).status == "running"  # no lock file
+    with locked(run_dir):
+        assert load_run(run_dir).status == "running"
+    assert (run_dir / LOCK).exists()
+    killed = load_run(run_dir)
+    assert (killed.status, killed.error) == ("interrupted", KILLED)
+    text = summary_markdown([killed])
+    assert "incomplete" in text and f"- interrupted: W4A4 mgrq proxy_vit seed 0 ({run_dir}): {KILLED}" in text

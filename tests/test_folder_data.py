@@ -136,6 +136,23 @@ def test_own_model_and_folder_through_the_pipeline(tmp_path: Path) -> None:
     assert (evaluated["top1"], evaluated["top5"], evaluated["num_eval"]) == (results["top1"], results["top5"], 13)
 
 
+def test_glfq_on_own_model_and_folder(tmp_path: Path) -> None:
+    """method=glfq (ReLU MLPs re-trained, rotated, STE) on a timm ViT and a folder data set: the transformation
+    runs on the folder's calibration images, and the export reloads with that structure to the run's scores."""
+    root = _rgb_tree(tmp_path / "pets")
+    overrides = (*TINY_VIT, "model.pretrained=false", "data=folder", f"data.root={root}", "data.workers=0")
+    settings = ("method=glfq", "quant=w3a3", "calib.num_images=8", "method.recon.iters=2", "threads=1")
+    tiny = ("method.init.mlp_relu_iters=3", "method.init.mlp_relu_batch_size=4", "method.recon.batch_size=4")
+    results, _ = run(compose_config(tmp_path / "run", *overrides, *settings, *tiny, "export=true"))
+    assert results["status"] == "done" and results["num_eval"] == 13 and results["num_calib"] == 8
+    mlps = results["fp_transform"]["mlp_relu"]["mlps"]
+    assert [m["mlp"] for m in mlps] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert results["fp_transform"]["rotation"]["kind"] == "hadamard"
+    assert results["fp_transformed_top1"] is not None
+    evaluated, _ = run(compose_config(tmp_path / "eval", *overrides, "mode=eval", f"checkpoint={tmp_path / 'run'}"))
+    assert (evaluated["top1"], evaluated["top5"], evaluated["num_eval"]) == (results["top1"], results["top5"], 13)
+
+
 def test_class_count_mismatch_names_both_numbers(tmp_path: Path) -> None:
     root = _rgb_tree(tmp_path / "pets")
     cfg = compose_config(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from mgrq_runner.analysis.runs import KILLED, load_run
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.run import run
@@ -162,6 +163,35 @@ def test_a_signal_ends_the_run_resumably(tmp_path: Path, signum: signal.Signals)
     assert done["status"] == "done" and done["resumed_units"] == partial["resumable"]["finished_units"]
     units = [row["unit"] for row in done["reconstruction"]]
     assert list(json.loads((run_dir / "recon_curves.json").read_text())) == units, "restored units keep curves"
+
+
+@needs_fashion_mnist
+def test_a_killed_run_reads_as_interrupted_and_resumes(tmp_path: Path) -> None:
+    """SIGKILL leaves a run no chance to record how it ended: results.json still says running. The collector asks
+    the run dir's lock, finds no owner and reads the run as interrupted (killed); resume=true finishes it."""
+    run_dir = tmp_path / "run"
+    args = ("method=mgrq", "method.recon.iters=60", *SMOKE, f"hydra.run.dir={run_dir}")
+    job = mgrq_run(*args, stderr=subprocess.DEVNULL)
+    assert job.stdout is not None
+    for line in job.stdout:  # a unit saved: there is something to resume
+        if "[mgrq_runner.recon.engine][INFO] - unit " in line:
+            break
+    else:
+        pytest.fail("the run ended before a unit was finished")
+    job.send_signal(signal.SIGSTOP)  # held still: it can neither finish nor write while the collector asks
+    assert load_run(run_dir).status == "running", "a live run (its lock held) is not called killed"
+    job.kill()
+    job.communicate(timeout=120)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
+    killed = load_run(run_dir)
+    assert (killed.status, killed.error) == ("interrupted", KILLED)
+
+    resumed = mgrq_run(*args, "resume=true")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    done = json.loads((run_dir / "results.json").read_text())
+    assert done["status"] == "done" and done["resumed_units"]
+    assert load_run(run_dir).status == "done"
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path: Path) -> None:

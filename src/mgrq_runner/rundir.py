@@ -39,6 +39,22 @@ def results_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RESULTS
 
 
+def held(run_dir: Path) -> bool | None:
+    """Whether a process holds ``run_dir``'s lock (``locked``) right now; None when there is no lock file to ask
+    (a run dir written before the lock existed, or copied without it). Asks with a shared lock, released at once."""
+    try:
+        descriptor = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(descriptor) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Owns ``run_dir`` for the block: a second run there is refused, naming the owner. The lock is an ``flock``,

@@ -17,7 +17,7 @@ from typing import Any
 from mgrq_runner.presets import preset_values
 from mgrq_runner.recon.convergence import unconverged_units
 from mgrq_runner.results import Results
-from mgrq_runner.rundir import RESULTS
+from mgrq_runner.rundir import RESULTS, held
 
 FP_LABEL = "FP"
 UNKNOWN = "?"
@@ -29,11 +29,17 @@ RUNS_CSV_COLUMNS = (
 # Written since 2026-12-02 (quant_prob and machine since 2026-12-03); read when present (older
 # files: inferred from the labels, ``parse_label``; the machine stays unknown).
 EXTRA_COLUMNS = ("global_weight", "local_weight", "provenance", "quant_prob", "machine")
+# A results.json that says "running" while no process holds its run dir's lock: the process ended without a word.
+KILLED = (
+    "killed: results.json says running, but no process holds the run dir (SIGKILL, out of memory, a lost machine); "
+    "resume with resume=true"
+)
 
 
 @dataclass
 class RunRow:
-    """One run, as read from its ``results.json`` (``status`` is "done", "failed", "interrupted" or "running").
+    """One run, as read from its ``results.json`` (``status`` is "done", "failed", "interrupted" or "running"; a
+    "running" run whose process is gone, ``rundir.held``, reads as "interrupted" with the error ``KILLED``).
 
     ``run_dir`` is the directory the file was found in (the recorded ``run_dir`` may be relative or moved).
     """
@@ -149,6 +155,10 @@ def load_run(path: str | Path) -> RunRow:
         path = path / RESULTS
     try:
         results: Results = json.loads(path.read_text())
+        if isinstance(results, dict) and results.get("status") == "running" and held(path.parent) is False:
+            results = json.loads(path.read_text())  # it may have ended between the read and the lock's answer
+            if isinstance(results, dict) and results.get("status") == "running":
+                results = {**results, "status": "interrupted", "error": KILLED}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return _unreadable(path, f"{type(err).__name__}: {err}")
     if not isinstance(results, dict):

@@ -100,7 +100,7 @@ def cell_text(records: Sequence[RunRow]) -> str:
         return "missing"
     values = [r.top1 for r in records if r.done and r.top1 is not None]
     failed = sum(r.status == "failed" for r in records)
-    incomplete = sum(r.status == "running" for r in records)
+    incomplete = sum(r.status in ("running", "interrupted") for r in records)
     if not values:
         return "failed" if failed else "incomplete"
     mean, std = mean_std(values)
