@@ -108,8 +108,8 @@ proxy-framework: setup ## glfq, its ablations, mgrq_glfq, mgrq_brecq on both pro
 		quant=w4a4,w3a3 method=mgrq_brecq $(ARGS)
 	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/mgrq_glfq_p1 \
 		quant=w3a3 method=mgrq_glfq method.recon.quant_prob=1.0 $(ARGS)
-	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework_softmax \
-		quant=w4a4 method=glfq method.init.softmax_quantizer=log_sqrt2 $(ARGS)  # its label says glfq: kept apart
+	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/softmax \
+		quant=w4a4 method=glfq method.init.softmax_quantizer=log_sqrt2 $(ARGS)
 	$(VENV)/bin/mgrq-run experiment=proxy_framework_swin hydra.sweep.dir=$(EXP)/proxy_framework_swin/main $(ARGS)
 	$(VENV)/bin/mgrq-run experiment=proxy_framework_swin hydra.sweep.dir=$(EXP)/proxy_framework_swin/w4a4 \
 		quant=w4a4 method=glfq,mgrq_glfq,mgrq_brecq $(ARGS)

@@ -284,6 +284,10 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     units = [{"unit": "blocks.0", "block_soft": 1.0, "block_hard": 1.5, "undecided": 0.0}]
     versions = {"torch": "2.14.1", "timm": "1.0.31"}
     path.write_text(json.dumps({**results, "reconstruction": units, "versions": versions, "git_sha": "abc123"}))
+    softmax = write_run(runs, "proxy_vit", "qdrop", 4, 0, 90.1) / "results.json"  # qdrop's preset: log_sqrt2
+    results = json.loads(softmax.read_text())
+    results["config"]["method"]["init"] = {"softmax_quantizer": "uniform"}
+    softmax.write_text(json.dumps(results))
     records = load_runs([runs])
     write_summary(records, tmp_path / "first")
     again = load_runs([tmp_path / "first" / "runs.csv"])
@@ -295,6 +299,8 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     assert (ablation.method_name, ablation.global_weight, ablation.local_weight) == ("mgrq", 0.0, 1.0)
     assert (ablation.w_bits, ablation.a_bits, ablation.unconverged) == (4, 4, None)
     assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].unconverged == ["blocks.0"]
+    assert by_label[("qdrop (softmax=uniform)", "W4A4", "proxy_vit", 0)].method_name == "qdrop"
+    assert ("qdrop", "W4A4", "proxy_vit", 0) not in by_label  # its own row, not the qdrop cell
     assert by_label[("qdrop", "W3A3", "proxy_vit", 0)].provenance == "torch 2.14.1, timm 1.0.31 @ abc123"
 
     older = tmp_path / "older" / "runs_2026-11-28.csv"  # any name; written before the extra columns

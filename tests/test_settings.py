@@ -67,18 +67,21 @@ def test_the_collector_imports_neither_torch_nor_timm() -> None:
     assert not {"torch", "timm", "mgrq_runner.recon.engine"} & modules
 
 
-def _record(tmp_path: Path, name: str, quant_prob: float, method_defaults: dict | None) -> Path:
+def _record(
+    tmp_path: Path, name: str, quant_prob: float, method_defaults: dict | None, method: str = "mgrq", **method_cfg: dict
+) -> Path:
+    """A finished proxy_vit W4A4 run's results.json with QDrop p ``quant_prob`` and more ``method_cfg`` sections."""
+    method_cfg = {"loss": {"global_weight": 1.0, "local_weight": 1.0}, **method_cfg}
+    method_cfg["recon"] = {"quant_prob": quant_prob, **method_cfg.get("recon", {})}
     results = {
         "model": "proxy_vit",
         "preset": "proxy_vit",
-        "method": "mgrq",
+        "method": method,
         "w_bits": 4,
         "a_bits": 4,
         "status": "done",
         "top1": 90.0,
-        "config": {
-            "method": {"loss": {"global_weight": 1.0, "local_weight": 1.0}, "recon": {"quant_prob": quant_prob}}
-        },
+        "config": {"method": method_cfg},
     }
     if method_defaults is not None:
         results["method_defaults"] = method_defaults
@@ -102,4 +105,32 @@ def test_a_run_records_its_method_preset_defaults(tmp_path: Path) -> None:
     fields = run_fields(parse_settings(compose_config(tmp_path / "run", "method=mgrq_no_global")))
     # the label is measured against the preset named by method.name (mgrq), not the ablation file
     assert fields["method"] == "mgrq"
-    assert fields["method_defaults"] == {"loss.global_weight": 1.0, "loss.local_weight": 1.0, "recon.quant_prob": 0.5}
+    assert fields["method_defaults"] == {
+        "loss.global_weight": 1.0,
+        "loss.local_weight": 1.0,
+        "recon.quant_prob": 0.5,
+        "init.rotation": "none",
+        "init.mlp_relu": False,
+        "init.softmax_quantizer": "log_sqrt2",
+        "recon.rounding": "adaround",
+    }
+    glfq = run_fields(parse_settings(compose_config(tmp_path / "glfq", "method=glfq")))["method_defaults"]
+    assert (glfq["init.rotation"], glfq["init.mlp_relu"], glfq["recon.rounding"]) == ("hadamard", True, "ste")
+
+
+def test_a_framework_switch_changed_from_the_preset_is_in_the_label(tmp_path: Path) -> None:
+    """A glfq run with another softmax quantizer (or without the rotation) is not the glfq row; the same switch
+    set by the preset itself (glfq_no_rotation) is not labelled; a record from before the switches were recorded
+    is read against today's preset for them."""
+    glfq = {"rotation": "hadamard", "mlp_relu": True, "softmax_quantizer": "uniform"}
+    then = {"loss.global_weight": 1.0, "loss.local_weight": 1.0, "recon.quant_prob": 0.5}  # recorded no switches
+
+    def label(name: str, method: str, init: dict, recorded: dict | None) -> str:
+        return load_run(_record(tmp_path, name, 0.5, recorded, method, init=init, recon={"rounding": "ste"})).method
+
+    assert label("plain", "mgrq_glfq", glfq, then) == "mgrq_glfq"
+    assert label("sm", "mgrq_glfq", {**glfq, "softmax_quantizer": "log_sqrt2"}, then) == "mgrq_glfq (softmax=log_sqrt2)"
+    two = {**glfq, "rotation": "none", "mlp_relu": False}
+    assert label("two", "mgrq_glfq", two, None) == "mgrq_glfq (rotation=none, mlp_relu=false)"
+    no_rotation = load_run(_record(tmp_path, "ablation", 0.5, None, "glfq_no_rotation", init={"rotation": "none"}))
+    assert no_rotation.method == "glfq_no_rotation (λG=1, λL=1)"  # the weights differ from glfq's, the switch not

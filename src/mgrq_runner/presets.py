@@ -12,21 +12,26 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # absolute: the installed console script finds it
-# The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1).
-LABEL_KEYS = ("loss.global_weight", "loss.local_weight", "recon.quant_prob")
+# The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1),
+# glfq (softmax=log_sqrt2). The framework switches are shown under their short names.
+SWITCH_KEYS = {
+    "init.rotation": "rotation",
+    "init.mlp_relu": "mlp_relu",
+    "init.softmax_quantizer": "softmax",
+    "recon.rounding": "rounding",
+}
+LABEL_KEYS = ("loss.global_weight", "loss.local_weight", "recon.quant_prob", *SWITCH_KEYS)
 
 
 @functools.cache
 def preset_values(method: str) -> dict[str, Any]:
-    """The ``LABEL_KEYS`` that method preset ``method`` sets (``{"loss.global_weight": 1.0, ...}``); empty for a
-    method with no such preset or no reconstruction."""
+    """The ``LABEL_KEYS`` that method preset ``method`` sets (``{"loss.global_weight": 1.0, ...,
+    "init.rotation": "none"}``); empty for a method with no such preset."""
     node = _load(method, depth=0)
     if node is None:
         return {}
     values = {key: OmegaConf.select(node, key, default=None) for key in LABEL_KEYS}
-    return {
-        key: value for key, value in values.items() if isinstance(value, int | float) and not isinstance(value, bool)
-    }
+    return {key: value for key, value in values.items() if isinstance(value, int | float | str)}  # bool is an int
 
 
 def _load(method: str, depth: int) -> DictConfig | None:

@@ -46,7 +46,7 @@ class Results(TypedDict, total=False):
     model: str  # timm arch.tag or proxy name
     preset: str | None  # the model preset (e.g. deit_s); tables are keyed by it
     method: str  # fp | minmax | repq | brecq | qdrop | mgrq
-    method_defaults: dict[str, float]  # the method preset's own loss weights and QDrop p (presets.LABEL_KEYS)
+    method_defaults: dict[str, Any]  # the preset's loss weights, QDrop p, framework switches (presets.LABEL_KEYS)
     w_bits: int  # 32 for fp
     a_bits: int
     dataset: str

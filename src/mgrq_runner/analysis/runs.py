@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.presets import preset_values
+from mgrq_runner.presets import SWITCH_KEYS, preset_values
 from mgrq_runner.recon.convergence import unconverged_units
 from mgrq_runner.results import Results
 from mgrq_runner.rundir import RESULTS, held
@@ -65,7 +65,7 @@ class RunRow:
     provenance: str | None = None  # "torch 2.14.1, timm 1.0.31, mgrq_runner 0.1.0 @ <git sha>"
     machine: str | None = None  # the CPU (and a CUDA run's GPU) as results.json records it; None: older runs
     unconverged: list[str] | None = None  # reconstructed units that miss the convergence criterion (None: no recon)
-    method_defaults: dict[str, float] | None = None  # its method preset's own label settings (presets.LABEL_KEYS)
+    method_defaults: dict[str, Any] | None = None  # its method preset's own label settings (presets.LABEL_KEYS)
 
     @property
     def done(self) -> bool:
@@ -114,10 +114,12 @@ def method_label(
     global_weight: float | None,
     local_weight: float | None,
     quant_prob: float | None = None,
-    defaults: dict[str, float] | None = None,
+    defaults: dict[str, Any] | None = None,
+    switches: dict[str, Any] | None = None,
 ) -> str:
-    """The row label: the method name, with the loss weights and QDrop's p where the run changed them from its
-    method preset's ``defaults`` (``mgrq (λG=0, λL=1)``; ``mgrq (p=1)``: mgrq on BRECQ's base, no drop). Without
+    """The row label: the method name, with the loss weights, QDrop's p and the framework ``switches`` (the run's
+    values of ``presets.SWITCH_KEYS``) where the run changed them from its method preset's ``defaults``
+    (``mgrq (λG=0, λL=1)``; ``mgrq (p=1)``: mgrq on BRECQ's base, no drop; ``glfq (softmax=log_sqrt2)``). Without
     ``defaults`` (an older record) the preset as it is now counts (``presets.preset_values``)."""
     defaults = preset_values(method) if defaults is None else defaults
     weights = {"loss.global_weight": global_weight, "loss.local_weight": local_weight}
@@ -128,7 +130,18 @@ def method_label(
         parts += [f"λG={compact(g)}" if g is not None else "λG=?", f"λL={compact(lw)}" if lw is not None else "λL=?"]
     if quant_prob is not None and quant_prob != defaults.get("recon.quant_prob", quant_prob):
         parts.append(f"p={compact(quant_prob)}")
+    for key, short in SWITCH_KEYS.items():
+        value = (switches or {}).get(key)
+        if value is not None and value != defaults.get(key, value):
+            parts.append(f"{short}={str(value).lower() if isinstance(value, bool) else value}")
     return f"{method} ({', '.join(parts)})" if parts else method
+
+
+def _select(node: Any, dotted: str) -> Any:
+    """``node["a"]["b"]`` for "a.b" in a JSON object, None where a level is missing or not an object."""
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _unreadable(path: Path, error: str) -> RunRow:
@@ -172,6 +185,7 @@ def load_run(path: str | Path) -> RunRow:
     global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
     recon = method_cfg.get("recon") if isinstance(method_cfg, dict) else None
     quant_prob = _float(recon.get("quant_prob")) if isinstance(recon, dict) else None
+    switches = {key: _select(method_cfg, key) for key in SWITCH_KEYS}
 
     status = results.get("status")
     status = status if status in ("done", "failed", "running", "interrupted", "projected") else "failed"
@@ -192,10 +206,12 @@ def load_run(path: str | Path) -> RunRow:
     model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
     reconstruction = results.get("reconstruction")
     recorded = results.get("method_defaults")
-    defaults = recorded if isinstance(recorded, dict) else preset_values(method)  # older records: the preset now
+    # as the preset stood when the run ran; what an older record did not record (all before 2026-12-02, the
+    # framework switches before 2026-12-07): the preset now
+    defaults = {**preset_values(method), **(recorded if isinstance(recorded, dict) else {})}
     return RunRow(
         model=str(model),
-        method=method_label(method, global_weight, local_weight, quant_prob, defaults),
+        method=method_label(method, global_weight, local_weight, quant_prob, defaults, switches),
         method_name=method,
         setting=setting,
         seed=seed if isinstance(seed, int) else None,
@@ -241,7 +257,7 @@ def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
             writer.writerow("" if row[c] is None else row[c] for c in columns)
 
 
-# A label with arguments: "mgrq (λG=0, λL=1)", "mgrq (λG=0, λL=1, p=1)", "qdrop (p=0.75)".
+# A label with arguments: "mgrq (λG=0, λL=1)", "mgrq (λG=0, λL=1, p=1)", "qdrop (p=0.75)", "glfq (rotation=none)".
 LABEL_ARGS = re.compile(r"(?P<name>\w+) \((?P<args>[^)]*)\)")
 SETTING_LABEL = re.compile(r"W(?P<w>\d+)A(?P<a>\d+)")
 
