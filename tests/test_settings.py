@@ -109,13 +109,14 @@ def test_a_run_records_its_method_preset_defaults(tmp_path: Path) -> None:
         "loss.global_weight": 1.0,
         "loss.local_weight": 1.0,
         "recon.quant_prob": 0.5,
+        "init.reparam": True,
         "init.rotation": "none",
         "init.mlp_relu": False,
         "init.softmax_quantizer": "log_sqrt2",
         "recon.rounding": "adaround",
     }
     glfq = run_fields(parse_settings(compose_config(tmp_path / "glfq", "method=glfq")))["method_defaults"]
-    assert (glfq["init.rotation"], glfq["init.mlp_relu"], glfq["recon.rounding"]) == ("hadamard", True, "ste")
+    assert (glfq["init.reparam"], glfq["init.rotation"], glfq["recon.rounding"]) == (False, "hadamard", "ste")
 
 
 def test_a_framework_switch_changed_from_the_preset_is_in_the_label(tmp_path: Path) -> None:

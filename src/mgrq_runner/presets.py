@@ -15,6 +15,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # absolute: the inst
 # The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1),
 # glfq (softmax=log_sqrt2). The framework switches are shown under their short names.
 SWITCH_KEYS = {
+    "init.reparam": "reparam",
     "init.rotation": "rotation",
     "init.mlp_relu": "mlp_relu",
     "init.softmax_quantizer": "softmax",
