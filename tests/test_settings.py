@@ -120,8 +120,8 @@ def test_a_run_records_its_method_preset_defaults(tmp_path: Path) -> None:
 
 
 def test_a_framework_switch_changed_from_the_preset_is_in_the_label(tmp_path: Path) -> None:
-    """A glfq run with another softmax quantizer (or without the rotation) is not the glfq row; the same switch
-    set by the preset itself (glfq_no_rotation) is not labelled; a record from before the switches were recorded
+    """A framework run with another softmax quantizer (or without the rotation) is not its preset's row; the same
+    switch set by the preset itself (glfq_no_rotation) is not labelled; a record from before the switches were recorded
     is read against today's preset for them."""
     glfq = {"rotation": "hadamard", "mlp_relu": True, "softmax_quantizer": "uniform"}
     then = {"loss.global_weight": 1.0, "loss.local_weight": 1.0, "recon.quant_prob": 0.5}  # recorded no switches

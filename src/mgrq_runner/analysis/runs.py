@@ -178,13 +178,10 @@ def load_run(path: str | Path) -> RunRow:
         return _unreadable(path, "not a JSON object")
 
     method = str(results.get("method", UNKNOWN))
-    config = results.get("config")
-    method_cfg = config.get("method") if isinstance(config, dict) else None
-    loss = method_cfg.get("loss") if isinstance(method_cfg, dict) else None
-    loss = loss if isinstance(loss, dict) else {}
-    global_weight, local_weight = _float(loss.get("global_weight")), _float(loss.get("local_weight"))
-    recon = method_cfg.get("recon") if isinstance(method_cfg, dict) else None
-    quant_prob = _float(recon.get("quant_prob")) if isinstance(recon, dict) else None
+    method_cfg = _select(results, "config.method")
+    global_weight = _float(_select(method_cfg, "loss.global_weight"))
+    local_weight = _float(_select(method_cfg, "loss.local_weight"))
+    quant_prob = _float(_select(method_cfg, "recon.quant_prob"))
     switches = {key: _select(method_cfg, key) for key in SWITCH_KEYS}
 
     status = results.get("status")
@@ -206,8 +203,8 @@ def load_run(path: str | Path) -> RunRow:
     model = results.get("preset") if results.get("preset") is not None else results.get("model", UNKNOWN)
     reconstruction = results.get("reconstruction")
     recorded = results.get("method_defaults")
-    # as the preset stood when the run ran; what an older record did not record (all before 2026-12-02, the
-    # framework switches before 2026-12-07): the preset now
+    # the preset as it stood when the run ran; keys an older record lacks (all of them before 2026-12-02, the
+    # framework switches before commit d7f1b7d) come from the preset as it is now
     defaults = {**preset_values(method), **(recorded if isinstance(recorded, dict) else {})}
     return RunRow(
         model=str(model),
