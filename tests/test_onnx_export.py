@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mgrq_runner.quant.quantizers import UniformQuantizer
 from mgrq_runner.recon.adaround import AdaRound
 from mgrq_runner.run import run
 from mgrq_runner.rundir import EXPORT_MANIFEST
+from tests import emulated_cpu
 from tests.conftest import compose_config, needs_fashion_mnist
 from tests.recon.test_families import FAMILIES
 
@@ -64,15 +66,79 @@ def exported(request, tmp_path_factory) -> dict:
     return {"model": model, "images": images, "dir": out, "info": info, "bits": (w_bits, a_bits)}
 
 
-def test_onnxruntime_logits_match_the_simulation(exported) -> None:
-    """Exported at batch 2, run at batch 12: dynamic batch size, the simulation's logits and top-1."""
-    expected = _logits(exported["model"], exported["images"])
-    got = OnnxRuntimeModel(exported["dir"] / "model.onnx")(exported["images"])
+def _assert_same_function(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert got.shape == expected.shape
     error = (got - expected).abs().amax(dim=1) / expected.abs().max()
     assert (error <= EXACT).float().mean() >= EXACT_SHARE, error
     assert error.max() <= FLIPPED, error
     assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_onnxruntime_logits_match_the_simulation(exported) -> None:
+    """Exported at batch 2, run at batch 12: dynamic batch size, the simulation's logits and top-1."""
+    expected = _logits(exported["model"], exported["images"])
+    _assert_same_function(OnnxRuntimeModel(exported["dir"] / "model.onnx")(exported["images"]), expected)
+
+
+needs_qemu = pytest.mark.skipif(
+    not emulated_cpu.AVAILABLE, reason="needs an x86_64 machine with qemu-user (apt-get install qemu-user)"
+)
+
+
+def _integer_matmul(path: Path, codes: np.ndarray, zero_point: np.ndarray) -> Path:
+    """``x @ (codes - zero_point)`` as the exporter writes it (uint8 Q/DQ input, weight DequantizeLinear, MatMul),
+    unit scales: fed integer-valued images 0..255, its output is the integer product itself."""
+    inputs = [
+        numpy_helper.from_array(codes, "codes"),
+        numpy_helper.from_array(zero_point, "zero_point"),
+        numpy_helper.from_array(np.float32(1.0), "one"),
+        numpy_helper.from_array(np.uint8(0), "zero"),
+    ]
+    nodes = [
+        onnx.helper.make_node("QuantizeLinear", ["x", "one", "zero"], ["x_codes"]),
+        onnx.helper.make_node("DequantizeLinear", ["x_codes", "one", "zero"], ["x_real"]),
+        onnx.helper.make_node("DequantizeLinear", ["codes", "one", "zero_point"], ["weight"]),
+        onnx.helper.make_node("MatMul", ["x_real", "weight"], ["y"]),
+    ]
+    float_tensor = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        nodes,
+        "integer_matmul",
+        [onnx.helper.make_tensor_value_info("x", float_tensor, [None, codes.shape[0]])],
+        [onnx.helper.make_tensor_value_info("y", float_tensor, [None, codes.shape[1]])],
+        inputs,
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+@needs_qemu
+def test_the_emulated_cpu_sums_u8_s8_pairs_in_int16(tmp_path) -> None:
+    """The harness: under qemu, onnxruntime's kernel computes what ``avx2_u8s8_products`` emulates (int16 pair
+    sums, clipped) and not the exact product, so the AVX2 kernel really runs; the same weights in uint8 are exact."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 64)).astype(np.uint8)
+    signed = rng.integers(-128, 128, size=(64, 16)).astype(np.int8)
+    exact = images.astype(np.int64) @ signed.astype(np.int64)
+    saturating = emulated_cpu.avx2_u8s8_products(images, signed)
+    assert not np.array_equal(saturating, exact)  # full-range int8 weights do overflow int16 pairs
+
+    s8 = _integer_matmul(tmp_path / "s8.onnx", signed, np.int8(0))
+    u8 = _integer_matmul(tmp_path / "u8.onnx", (signed.astype(np.int16) + 128).astype(np.uint8), np.uint8(128))
+    on_avx2 = {
+        name: emulated_cpu.run_on_avx2(path, images.astype(np.float32), tmp_path / name)
+        for name, path in (("s8", s8), ("u8", u8))
+    }
+    assert np.array_equal(on_avx2["s8"], saturating)
+    assert np.array_equal(on_avx2["u8"], exact)
+
+
+@needs_qemu
+def test_onnxruntime_logits_match_the_simulation_on_avx2_without_vnni(exported, tmp_path) -> None:
+    """The same parity on an emulated AVX2 CPU without VNNI, whose u8 x s8 kernel sums products in int16."""
+    expected = _logits(exported["model"], exported["images"])
+    got = emulated_cpu.run_on_avx2(exported["dir"] / "model.onnx", exported["images"].numpy(), tmp_path)
+    _assert_same_function(torch.from_numpy(got), expected)
 
 
 def test_deploy_model_computes_the_simulation_in_torch(exported) -> None:
@@ -81,7 +147,7 @@ def test_deploy_model_computes_the_simulation_in_torch(exported) -> None:
     torch.testing.assert_close(_logits(deploy, exported["images"]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_codes_are_the_b_bit_grid_in_int8_containers(exported) -> None:
+def test_codes_are_the_b_bit_grid_in_8_bit_containers(exported) -> None:
     w_bits, a_bits = exported["bits"]
     graph = onnx.load(str(exported["dir"] / "model.onnx")).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -93,9 +159,15 @@ def test_codes_are_the_b_bit_grid_in_int8_containers(exported) -> None:
         if node.op_type == "DequantizeLinear" and node.input[0] in initializers
     ]
     assert len(weight_codes) == sum(1 for _ in quant_layers(exported["model"]))
-    for codes in weight_codes:  # int8, and within the b-bit grid shifted by 2**(b-1)
-        assert str(codes.dtype) == "int8"
-        assert codes.min() >= -(2 ** (w_bits - 1)) and codes.max() <= 2 ** (w_bits - 1) - 1
+    for codes in weight_codes:
+        if w_bits == 8:  # uint8: onnxruntime's u8 x u8 kernels, exact on x86 without VNNI too
+            assert str(codes.dtype) == "uint8"
+            assert codes.max() > 2**7 - 1  # the test's W8 grid reaches the codes that overflowed as int8
+        else:  # int8, within the b-bit grid shifted by 2**(b-1)
+            assert str(codes.dtype) == "int8"
+            assert codes.min() >= -(2 ** (w_bits - 1)) and codes.max() <= 2 ** (w_bits - 1) - 1
+            # no pair of uint8 x int8 products leaves int16 in the AVX2 kernel, even at full-scale activations
+            assert 2 * 255 * int(np.abs(codes.astype(np.int16)).max()) <= 2**15 - 1
     image = graph.input[0].name
     assert sum(node.input[0] == image for node in quantize_nodes) == 1  # the patch embedding's 8-bit input
     for node in quantize_nodes:

@@ -6,11 +6,12 @@ carrying the run's own grid on every enabled activation quantizer (Linear and pa
 DequantizeLinear (per output channel). LayerNorm, Softmax, GELU and residual adds stay in float, as in the
 simulation. onnxruntime fuses ``DequantizeLinear -> MatMul`` into integer kernels (``MatMulIntegerToFloat``).
 
-Containers: activations are uint8 codes (zero point in ``0 .. 2**b - 1``), weights int8 codes shifted by
-``2**(b-1)`` (the same real values: ``(c - z) * s``), so W4, W3 weights use a few int8 values and no 8-bit
-multiply saturates. Below 8 activation bits a Clip to the grid's range precedes the QuantizeLinear: the codes
-are exactly the b-bit grid's. The log-sqrt(2) softmax quantizer has no ONNX operator: it is exported as an
-explicit float elementwise subgraph (Log, Round, Clip, Exp, Where) and ``attn @ v`` runs in float.
+Containers: activations are uint8 codes (zero point in ``0 .. 2**b - 1``). Weights below 8 bits are int8 codes
+shifted by ``2**(b-1)`` (the same real values: ``(c - z) * s``), 8-bit weights uint8 codes: see
+``weight_container`` for why (onnxruntime's x86 kernels without VNNI sum u8 x s8 products in int16). Below 8
+activation bits a Clip to the grid's range precedes the QuantizeLinear: the codes are exactly the b-bit grid's.
+The log-sqrt(2) softmax quantizer has no ONNX operator: it is exported as an explicit float elementwise subgraph
+(Log, Round, Clip, Exp, Where) and ``attn @ v`` runs in float.
 
 Needs the ``deploy`` extra (onnx, onnxruntime, onnxscript): ``pip install -e '.[deploy]'``.
 """
@@ -131,18 +132,38 @@ class DeployLogSqrt2(nn.Module):
         return torch.where(levels >= self.zero_code, torch.zeros_like(values), values)
 
 
-def _int8_weight(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's weight codes and zero points shifted into int8 (``c - 2**(b-1)``), and its scales."""
+# Without VNNI (AVX2, AVX-512F/BW), onnxruntime's u8 x s8 kernel multiplies with vpmaddubsw: each pair of
+# neighbouring products along K is summed into a saturating int16 before the int32 accumulation.
+INT16_MAX = 2**15 - 1
+
+
+def weight_container(bits: int) -> torch.dtype:
+    """The ONNX container of ``bits``-bit weight codes: int8 (codes centred by ``2**(b-1)``) where no pair of
+    uint8 activation x int8 weight products can leave int16, else uint8.
+
+    Centred b-bit codes lie in ``-2**(b-1) .. 2**(b-1) - 1``, so a pair sums to at most ``2 * 255 * 2**(b-1)``:
+    within int16 up to 7 bits, 65 280 at 8 bits, which the AVX2 kernel clips (logits off by up to a tenth). uint8
+    weights make onnxruntime take its u8 x u8 kernel instead: on AVX2 it widens both operands to 16 bits and sums
+    pairs in int32, with VNNI it is the same 32-bit kernel as u8 x s8; exact on every x86 CPU. Below 8 bits the
+    u8 x s8 kernel stays, exact too and the faster of the two where there is no VNNI.
+    """
+    return torch.int8 if 2 * 255 * 2 ** (bits - 1) <= INT16_MAX else torch.uint8
+
+
+def _weight_codes(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's weight codes and zero points in their container (``weight_container``), and its scales."""
     try:
         codes = weight_codes(layer).to(torch.int16)
     except RuntimeError as err:
         raise ModelError(f"cannot export the weight: {err}") from None
     scale, zero_point = weight_grid(layer)
-    offset = 2 ** (layer.weight_quantizer.bits - 1)
+    bits = layer.weight_quantizer.bits
+    container = weight_container(bits)
+    offset = 2 ** (bits - 1) if container == torch.int8 else 0
     return (
-        (codes - offset).to(torch.int8),
+        (codes - offset).to(container),
         scale.detach().float().reshape(-1).clone(),
-        (zero_point.detach().reshape(-1) - offset).to(torch.int8),
+        (zero_point.detach().reshape(-1) - offset).to(container),
     )
 
 
@@ -153,7 +174,7 @@ class _DeployWeightLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.quantized = bool(layer.weight_quantizer.enabled)
         if self.quantized:
-            codes, scale, zero_point = _int8_weight(layer)
+            codes, scale, zero_point = _weight_codes(layer)
             self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero_point", zero_point)
@@ -351,7 +372,10 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
         "input_shape": ["batch", *example.shape[1:]],
         "containers": {
             "activations": "uint8 codes on the b-bit grid (Clip to the grid's range before QuantizeLinear when b < 8)",
-            "weights": "int8 codes c - 2**(b-1), per-output-channel DequantizeLinear; exactly the b-bit grid",
+            "weights": (
+                "int8 codes c - 2**(b-1) below 8 bits, uint8 codes c at 8 bits (no int16 pair sum overflows on "
+                "x86 without VNNI), per-output-channel DequantizeLinear; exactly the b-bit grid"
+            ),
         },
         "softmax": (
             f"log-sqrt(2) as an explicit float elementwise subgraph ({log_sqrt2} quantizers); attn @ v in float"
