@@ -12,7 +12,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, deploy_model, export_onnx, integer_kernels
+from mgrq_runner.deploy import onnx_export
+from mgrq_runner.deploy.onnx_export import (
+    OnnxRuntimeModel,
+    cpu_int8_kernels,
+    deploy_model,
+    export_onnx,
+    int16_overflowing_weights,
+    integer_kernels,
+)
 from mgrq_runner.deploy.safetensors_export import manifest_digest
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.files import file_sha256
@@ -181,6 +189,50 @@ def test_codes_are_the_b_bit_grid_in_8_bit_containers(exported) -> None:
     assert not any(node.metadata_props for node in graph.node)  # no stack traces or source paths
 
 
+def test_int8_weights_of_earlier_8_bit_exports_are_found(exported, tmp_path) -> None:
+    """An export in this version's containers has no weight that overflows int16 pair sums; the same W8 export with
+    its uint8 codes moved into int8 (as exports were before) has one per quantized layer."""
+    path = exported["dir"] / "model.onnx"
+    assert int16_overflowing_weights(path) == []
+    if exported["bits"][0] != 8:
+        return
+    model = onnx.load(str(path))
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        tensors = {t.name: t for t in model.graph.initializer if t.name in (node.input[0], node.input[2])}
+        if len(tensors) == 2 and tensors[node.input[0]].data_type == onnx.TensorProto.UINT8:
+            for name, tensor in tensors.items():
+                codes = numpy_helper.to_array(tensor).astype(np.int16) - 128
+                tensor.CopyFrom(numpy_helper.from_array(codes.astype(np.int8), name))
+            moved += 1
+    assert moved == sum(1 for _ in quant_layers(exported["model"]))
+    onnx.save(model, str(tmp_path / "int8.onnx"))
+    assert len(int16_overflowing_weights(tmp_path / "int8.onnx")) == moved
+
+
+@pytest.mark.parametrize(
+    ("flags", "isa", "pairs_in_int16"),
+    [
+        ("fpu sse4_2 avx avx2 fma bmi2", "AVX2 without VNNI", True),  # AMD Zen 2/3, Intel Haswell..Coffee Lake
+        ("avx2 fma avx512f avx512dq avx512bw avx512vl", "AVX-512 without VNNI", True),  # Intel Skylake-SP
+        ("avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni", "AVX-512 VNNI", False),  # Cascade Lake, Zen 4
+        ("avx2 fma avx_vnni", "AVX-VNNI", False),  # Intel Alder Lake
+        ("avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni amx_tile amx_int8", "AMX-INT8", False),
+        ("fpu sse4_1 sse4_2", "x86 without AVX2", None),
+    ],
+)
+def test_cpu_int8_kernels_from_the_cpu_flags(tmp_path, monkeypatch, flags, isa, pairs_in_int16) -> None:
+    monkeypatch.setattr(onnx_export.platform, "machine", lambda: "x86_64")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_int8_kernels(cpuinfo) == {"isa": isa, "u8s8_pairs_in_int16": pairs_in_int16}
+    assert cpu_int8_kernels(tmp_path / "missing") == {"isa": "x86 (flags unknown)", "u8s8_pairs_in_int16": None}
+    monkeypatch.setattr(onnx_export.platform, "machine", lambda: "aarch64")
+    assert cpu_int8_kernels(cpuinfo) == {"isa": "aarch64", "u8s8_pairs_in_int16": None}
+
+
 def test_integer_kernels_run(exported) -> None:
     """onnxruntime fuses every quantized Linear and q @ k^T into an integer kernel; only the head's Gemm, the
     patch-embedding Conv and attn @ v (log-sqrt(2) operand, float) keep DequantizeLinear inputs."""
@@ -234,6 +286,7 @@ def test_export_onnx_run_and_onnxruntime_eval(tmp_path) -> None:
     assert evaluated["fp_top1"] == results["fp_top1"] and evaluated["fp_agreement"] is not None
     assert set(evaluated["throughput"]) == {"fp", "simulation", "onnxruntime"}
     assert evaluated["onnx"]["kernels"]["MatMulIntegerToFloat"] > 0
+    assert evaluated["onnx"]["cpu"] == cpu_int8_kernels()
 
     graph = onnx.load(str(run_dir / "model.onnx"))  # a replaced graph, its checksum and the digest made to fit
     quantize_nodes = [node for node in graph.graph.node if node.op_type == "QuantizeLinear"]

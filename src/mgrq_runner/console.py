@@ -169,9 +169,11 @@ def print_summary(results: dict[str, Any]) -> None:
             f"original's on {results['fp_transformed_agreement']:.2%} of images; the quantized model starts from it"
         )
     if "agreement_with_simulation" in results:
-        kernels = ", ".join(f"{op} {n}" for op, n in results["onnx"]["kernels"].items())
+        onnx = results["onnx"]
+        kernels = ", ".join(f"{op} {n}" for op, n in onnx["kernels"].items())
+        cpu = onnx.get("cpu", {}).get("isa", "instruction set not recorded")
         console.print(
-            f"onnxruntime ({', '.join(results['onnx']['providers'])}): top-1 equal to the simulation's on "
-            f"{results['agreement_with_simulation']:.2%} of images; optimised graph: {kernels}"
+            f"onnxruntime ({', '.join(onnx['providers'])}, integer kernels for {cpu}): top-1 equal to the "
+            f"simulation's on {results['agreement_with_simulation']:.2%} of images; optimised graph: {kernels}"
         )
     console.print(f"results: {results_path(results['run_dir'])}")

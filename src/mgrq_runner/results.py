@@ -96,7 +96,8 @@ class Results(TypedDict, total=False):
     fp_transformed_top5: float
     fp_transformed_agreement: float  # its top-1 agreement with the original FP model
     agreement_with_simulation: float  # eval.runtime=onnxruntime: top-1 equal to the simulated model's, share
-    onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph
+    onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph,
+    # the CPU's integer-kernel instruction set (cpu: isa, u8s8_pairs_in_int16)
     num_calib: int
     num_eval: int
     throughput: dict[str, float]  # images per second, per evaluated model

@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.console import print_projection, print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
-from mgrq_runner.deploy.onnx_export import OnnxRuntimeModel, check_onnx_file, export_onnx, integer_kernels
+from mgrq_runner.deploy.onnx_export import (
+    OnnxRuntimeModel,
+    check_onnx_file,
+    cpu_int8_kernels,
+    export_onnx,
+    int16_overflowing_weights,
+    integer_kernels,
+)
 from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized, read_manifest
 from mgrq_runner.devices import cpu_threads, resolve_device, warn_if_cpu_busy
 from mgrq_runner.distributed import evaluate_distributed
@@ -458,5 +465,14 @@ def onnxruntime_models(
         models["fp"] = create_model(source).to(device).eval()
     models["simulation"] = model
     models["onnxruntime"] = runtime = OnnxRuntimeModel(path, device)
-    results_file.update(onnx={"file": str(path), "providers": runtime.providers, "kernels": integer_kernels(path)})
+    cpu = cpu_int8_kernels()
+    if cpu["u8s8_pairs_in_int16"] and int16_overflowing_weights(path):
+        log.warning(
+            "%s holds 8-bit weights in int8, whose products can overflow the int16 sums of onnxruntime's %s "
+            "kernels: its logits may differ from the simulation's. Fix: re-export it with this version (uint8)",
+            path,
+            cpu["isa"],
+        )
+    kernels = integer_kernels(path)
+    results_file.update(onnx={"file": str(path), "providers": runtime.providers, "kernels": kernels, "cpu": cpu})
     return models

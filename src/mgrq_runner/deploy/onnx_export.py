@@ -22,6 +22,7 @@ import contextlib
 import copy
 import io
 import logging
+import platform
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,6 +401,53 @@ def float_modules(model: nn.Module) -> list[str]:
 
 
 # -- onnxruntime -------------------------------------------------------------------------------------------------
+
+# The x86 instruction sets onnxruntime's integer matrix kernels (its MLAS library) dispatch to, best first, with
+# the /proc/cpuinfo flags each needs, and whether its u8 x s8 kernel there sums product pairs in saturating int16
+# (vpmaddubsw) rather than in int32 (vpdpbusd, AMX tiles).
+X86_INT8_KERNELS = (
+    ("AMX-INT8", {"amx_int8", "amx_tile"}, False),
+    ("AVX-512 VNNI", {"avx512_vnni", "avx512bw", "avx512dq", "avx512vl"}, False),
+    ("AVX-VNNI", {"avx_vnni", "avx2"}, False),
+    ("AVX-512 without VNNI", {"avx512bw", "avx512dq", "avx512vl"}, True),
+    ("AVX2 without VNNI", {"avx2", "fma"}, True),
+)
+
+
+def cpu_int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The instruction set of onnxruntime's CPU integer kernels on this machine, read from the CPU's flags as its
+    MLAS library reads CPUID, and whether its u8 x s8 kernel sums product pairs in int16 there (``None`` where
+    the flags cannot be read or the CPU is not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"isa": platform.machine() or "unknown", "u8s8_pairs_in_int16": None}
+    flags: set[str] = set()
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                break
+    for isa, needed, pairs_in_int16 in X86_INT8_KERNELS:
+        if needed <= flags:
+            return {"isa": isa, "u8s8_pairs_in_int16": pairs_in_int16}
+    return {"isa": "x86 without AVX2" if flags else "x86 (flags unknown)", "u8s8_pairs_in_int16": None}
+
+
+def int16_overflowing_weights(path: str | Path) -> list[str]:
+    """The int8 weight initializers of an ONNX file whose codes can overflow an int16 pair sum of u8 x s8 products
+    (``|c| > 64``): exports made before 8-bit weights moved to uint8 containers have them."""
+    import onnx
+    import onnx.numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    weights = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    limit = INT16_MAX // (2 * 255)
+    return [
+        tensor.name
+        for tensor in graph.initializer
+        if tensor.name in weights
+        and tensor.data_type == onnx.TensorProto.INT8
+        and int(abs(onnx.numpy_helper.to_array(tensor).astype("int16")).max(initial=0)) > limit
+    ]
 
 
 def session(
