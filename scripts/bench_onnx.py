@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,15 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from mgrq_runner.deploy.onnx_export import compact, export_onnx, integer_kernels, quiet_exporter, session
+from mgrq_runner.deploy.onnx_export import (
+    compact,
+    cpu_int8_kernels,
+    export_onnx,
+    integer_kernels,
+    quiet_exporter,
+    session,
+)
+from mgrq_runner.devices import machine_description
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
@@ -39,6 +48,9 @@ from mgrq_runner.quant.rotation import rotate_
 from mgrq_runner.recon.mlp_relu import swap_gelu_for_relu_
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.emulated_cpu: an export's 8-bit weights in the int8 containers of before
+from tests import emulated_cpu  # noqa: E402
+
 STATIC_BITS = {"W8A8": ("QInt8", "QUInt8"), "W4A8": ("QInt4", "QUInt8"), "W4A4": ("QInt4", "QUInt4")}
 
 
@@ -72,6 +84,14 @@ def runner_w8a8(
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(quantized.eval(), out, calib[:2])
     return out / "model.onnx"
+
+
+def int8_weights(export_dir: Path) -> Path:
+    """The export's 8-bit weights in int8 containers, as they were written before: the u8 x s8 kernels' speed, to
+    set beside the u8 x u8 kernels that the uint8 containers select (the same on VNNI CPUs, not on AVX2)."""
+    path = export_dir / "int8_weights.onnx"
+    emulated_cpu.int8_weight_copy(export_dir / "model.onnx", path)
+    return path
 
 
 def ort_quantize_static(fp32: Path, calib: torch.Tensor, out: Path, weight_type: str, activation_type: str) -> Path:
@@ -153,6 +173,7 @@ def bench(name: str, threads: int, seconds: float, accuracy: bool, tmp: Path) ->
         "FP32": fp32,
         "runner W8A8 (log-sqrt2 softmax)": runner_w8a8(model, calib, out / "runner_log", "log_sqrt2", (8, 8)),
         "runner W8A8 (uniform softmax)": runner_w8a8(model, calib, out / "runner_uniform", "uniform", (8, 8)),
+        "the same, int8 weights (before 2026-12; overflows on AVX2)": int8_weights(out / "runner_uniform"),
         "runner W8A8 glfq (rotated, ReLU MLPs, uniform softmax)": runner_w8a8(
             model, calib, out / "runner_glfq", "uniform", (8, 8), glfq=True
         ),
@@ -193,6 +214,10 @@ def main() -> None:
     import onnxruntime
 
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, {args.threads} threads")
+    cpu = cpu_int8_kernels()
+    print(
+        f"{machine_description()}; integer kernels: {cpu['isa']} (u8 x s8 pairs in int16: {cpu['u8s8_pairs_in_int16']})"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model or ["deit_small_patch16_224", "proxy_vit"]:
             bench(name, args.threads, args.seconds, args.accuracy, Path(tmp))

@@ -4,10 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+# Debian packages: Fashion-MNIST (the proxies' data) and, on x86_64, qemu-user, under which the ONNX tests run
+# onnxruntime on an emulated AVX2 CPU without VNNI (tests/emulated_cpu.py)
+packages=()
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
+[ "$(uname -m)" != x86_64 ] || command -v qemu-x86_64 >/dev/null || packages+=(qemu-user)
+if [ ${#packages[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq dataset-fashion-mnist
+  $sudo apt-get install -y -qq "${packages[@]}"
 fi
 
 if [ ! -f .venv/.installed ]; then

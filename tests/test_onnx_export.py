@@ -196,19 +196,8 @@ def test_int8_weights_of_earlier_8_bit_exports_are_found(exported, tmp_path) -> 
     assert int16_overflowing_weights(path) == []
     if exported["bits"][0] != 8:
         return
-    model = onnx.load(str(path))
-    moved = 0
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
-            continue
-        tensors = {t.name: t for t in model.graph.initializer if t.name in (node.input[0], node.input[2])}
-        if len(tensors) == 2 and tensors[node.input[0]].data_type == onnx.TensorProto.UINT8:
-            for name, tensor in tensors.items():
-                codes = numpy_helper.to_array(tensor).astype(np.int16) - 128
-                tensor.CopyFrom(numpy_helper.from_array(codes.astype(np.int8), name))
-            moved += 1
+    moved = emulated_cpu.int8_weight_copy(path, tmp_path / "int8.onnx")
     assert moved == sum(1 for _ in quant_layers(exported["model"]))
-    onnx.save(model, str(tmp_path / "int8.onnx"))
     assert len(int16_overflowing_weights(tmp_path / "int8.onnx")) == moved
 
 
@@ -230,7 +219,9 @@ def test_cpu_int8_kernels_from_the_cpu_flags(tmp_path, monkeypatch, flags, isa, 
     assert cpu_int8_kernels(cpuinfo) == {"isa": isa, "u8s8_pairs_in_int16": pairs_in_int16}
     assert cpu_int8_kernels(tmp_path / "missing") == {"isa": "x86 (flags unknown)", "u8s8_pairs_in_int16": None}
     monkeypatch.setattr(onnx_export.platform, "machine", lambda: "aarch64")
-    assert cpu_int8_kernels(cpuinfo) == {"isa": "aarch64", "u8s8_pairs_in_int16": None}
+    assert cpu_int8_kernels(cpuinfo) == {"isa": "aarch64", "u8s8_pairs_in_int16": False}
+    monkeypatch.setattr(onnx_export.platform, "machine", lambda: "riscv64")
+    assert cpu_int8_kernels(cpuinfo) == {"isa": "riscv64", "u8s8_pairs_in_int16": None}
 
 
 def test_integer_kernels_run(exported) -> None:

@@ -417,9 +417,13 @@ X86_INT8_KERNELS = (
 def cpu_int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """The instruction set of onnxruntime's CPU integer kernels on this machine, read from the CPU's flags as its
     MLAS library reads CPUID, and whether its u8 x s8 kernel sums product pairs in int16 there (``None`` where
-    the flags cannot be read or the CPU is not x86)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return {"isa": platform.machine() or "unknown", "u8s8_pairs_in_int16": None}
+    the flags cannot be read or the CPU is neither x86 nor Arm; onnxruntime's quantization docs state that Arm
+    kernels do not saturate)."""
+    machine = platform.machine()
+    if machine.lower() in ("aarch64", "arm64"):
+        return {"isa": machine, "u8s8_pairs_in_int16": False}
+    if machine.lower() not in ("x86_64", "amd64"):
+        return {"isa": machine or "unknown", "u8s8_pairs_in_int16": None}
     flags: set[str] = set()
     with contextlib.suppress(OSError, UnicodeDecodeError):
         for line in cpuinfo.read_text().splitlines():
