@@ -20,7 +20,7 @@ from mgrq_runner.files import file_sha256
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.recon.adaround import AdaRound
+from mgrq_runner.quant.rounding import AdaRound
 from mgrq_runner.run import run
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist

@@ -5,7 +5,7 @@ import torch
 
 from mgrq_runner.quant.primitives import search_uniform_range
 from mgrq_runner.quant.quantizers import UniformQuantizer
-from mgrq_runner.recon.adaround import AdaRound, rounding_beta
+from mgrq_runner.quant.rounding import AdaRound, rounding_beta
 from mgrq_runner.recon.optimizer import qdrop_input
 
 

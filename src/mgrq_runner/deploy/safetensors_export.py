@@ -41,9 +41,8 @@ from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.quant.rotation import ROTATIONS, rotate_
-from mgrq_runner.recon.adaround import AdaRound
+from mgrq_runner.quant.rounding import ROUNDINGS
 from mgrq_runner.recon.mlp_relu import swap_gelu_for_relu_
-from mgrq_runner.recon.ste import SteRounding
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS, ONNX_FILE
 from mgrq_runner.settings import ModelSettings
 
@@ -76,8 +75,7 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             "bits": quantizer.bits,
             "granularity": "per_channel",
             "enabled": enabled,
-            "adaround": isinstance(layer.rounding, AdaRound),
-            "ste": isinstance(layer.rounding, SteRounding),
+            **{name: getattr(layer.rounding, "name", None) == name for name in ROUNDINGS},  # "adaround", "ste"
         }
         if enabled:
             scale, zero_point = weight_grid(layer)

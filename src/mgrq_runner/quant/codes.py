@@ -6,13 +6,12 @@ import torch
 
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.modules import QuantWeightLayer
-from mgrq_runner.recon.ste import SteRounding
 
 
 def weight_grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-output-channel ``(scale, zero_point)`` the layer's fake-quantized weight uses, shaped ``[C, 1, ...]``."""
     if layer.rounding is not None:  # AdaRound keeps its own copy of the grid it was created on, STE its learned one
-        return layer.rounding.scale.detach().clamp(min=primitives.SCALE_EPS), layer.rounding.zero_point
+        return layer.rounding.grid()
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     return layer.weight_quantizer.scale.reshape(shape), layer.weight_quantizer.zero_point.reshape(shape)
 
@@ -30,12 +29,8 @@ def weight_codes(layer: QuantWeightLayer) -> torch.Tensor:
     rounding = layer.rounding
     if rounding is not None and not rounding.hard:
         raise RuntimeError("the rounding is not hardened: export after reconstruction has finished")
-    if isinstance(rounding, SteRounding):
+    if rounding is not None:
         codes = rounding.codes()
-    elif rounding is not None:
-        codes = torch.clamp(
-            rounding.floor + (rounding.variable >= 0).to(rounding.floor) + zero_point, 0, primitives.qmax(bits)
-        )
     else:
         codes = primitives.quantize(layer.weight, scale, zero_point, bits)
     if not torch.equal(primitives.dequantize(codes, zero_point=zero_point, scale=scale), layer.quantized_weight()):

@@ -6,11 +6,16 @@ anything that changes the weights or the weight quantizer afterwards must call `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+if TYPE_CHECKING:
+    from mgrq_runner.quant.rounding import WeightRounding
 
 
 class QuantWeightLayer(nn.Module):
@@ -23,7 +28,7 @@ class QuantWeightLayer(nn.Module):
         super().__init__()
         self.input_quantizer = UniformQuantizer(a_bits)
         self.weight_quantizer = UniformQuantizer(w_bits, per_channel=True)
-        self.rounding: nn.Module | None = None  # AdaRound during and after reconstruction
+        self.rounding: WeightRounding | None = None  # during and after reconstruction (quant/rounding)
         self._frozen_weight: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from mgrq_runner.errors import ConfigError
+from mgrq_runner.quant.rounding import ROUNDINGS  # what a unit's weights learn (docs/method.md 2, 9)
 from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTANCES, LossFusion
 
 # Where IBLS may align a block's layers: the outputs of these Linears, the attention probabilities (the input of
 # ``attn @ v``) and the output of ``attn @ v``.
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
 LOCAL_TARGET_DTYPES = ("float32", "bfloat16")
-ROUNDINGS = ("adaround", "ste")  # what a unit's weights learn (docs/method.md sections 2 and 9)
 
 
 TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
@@ -52,7 +52,7 @@ class ReconConfig:
     def __post_init__(self) -> None:
         check_types(self, "method.recon")
         if self.rounding not in ROUNDINGS:
-            raise ConfigError(f"method.recon.rounding={self.rounding!r} is unknown. Fix: one of {ROUNDINGS}.")
+            raise ConfigError(f"method.recon.rounding={self.rounding!r} is unknown. Fix: one of {tuple(ROUNDINGS)}.")
         if self.weight_scale_lr < 0:
             raise ConfigError(f"method.recon.weight_scale_lr={self.weight_scale_lr} must be >= 0.")
         if self.iters < 1 or self.batch_size < 1:

@@ -16,7 +16,7 @@ from mgrq_runner.errors import NumericalError
 from mgrq_runner.quant.api import activation_quantizers, quant_layers
 from mgrq_runner.quant.primitives import random_mask
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
-from mgrq_runner.recon.adaround import AdaRound, rounding_beta
+from mgrq_runner.quant.rounding import ROUNDINGS, WeightRounding, create_rounding, rounding_beta
 from mgrq_runner.recon.cache import (
     CapturePoint,
     UnitTargets,
@@ -29,10 +29,8 @@ from mgrq_runner.recon.cache import (
 )
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.losses import block_loss, global_loss, local_loss
-from mgrq_runner.recon.ste import SteRounding
 from mgrq_runner.recon.units import Unit, fp_remainder
 
-Rounding = AdaRound | SteRounding
 STE_CHECK_AT = 0.9  # STE's convergence report: the calibration block loss at 90 % and at 100 % of the budget
 
 # The unit's output pushed through the frozen FP rest of the model: logits (or the pre-head feature). None for
@@ -71,13 +69,14 @@ def qdrop_input(x_q: torch.Tensor, x_fp: torch.Tensor, quant_prob: float, genera
     return torch.lerp(x_fp, x_q, random_mask(x_q, quant_prob, generator))
 
 
-def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[Rounding], list[nn.Parameter]]:
-    """Attaches AdaRound (or STE tuning) to every quantized layer, makes step sizes learnable, turns QDrop on."""
-    roundings: list[Rounding] = []
-    kind = SteRounding if recon.rounding == "ste" else AdaRound
+def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[WeightRounding], list[nn.Parameter]]:
+    """Attaches the configured rounding (AdaRound, STE tuning) to every quantized layer, makes step sizes learnable,
+    turns QDrop on."""
+    roundings: list[WeightRounding] = []
     for _, layer in quant_layers(module):
         layer.unfreeze()
-        layer.rounding = kind(layer.weight.detach(), layer.weight_quantizer).to(layer.weight.device)
+        rounding = create_rounding(recon.rounding, layer.weight.detach(), layer.weight_quantizer)
+        layer.rounding = rounding.to(layer.weight.device)
         roundings.append(layer.rounding)
     scales = []
     for _, quantizer in activation_quantizers(module):
@@ -91,7 +90,7 @@ def prepare_unit(module: nn.Module, recon: ReconConfig) -> tuple[list[Rounding],
     return roundings, scales
 
 
-def harden_unit(module: nn.Module, roundings: list[Rounding], scales: list[nn.Parameter]) -> None:
+def harden_unit(module: nn.Module, roundings: list[WeightRounding], scales: list[nn.Parameter]) -> None:
     """Fixes the rounding (AdaRound: ``h(V) -> 1[V >= 0]``; STE: exact codes), freezes step sizes, turns QDrop
     off."""
     for rounding in roundings:
@@ -131,10 +130,11 @@ class UnitOptimizer:
         self.recon, self.losses = recon, losses
         self.roundings, self.scales = prepare_unit(unit.module, recon)
         self.fusion = losses.new_fusion()
-        self.ste = recon.rounding == "ste"
+        kind = ROUNDINGS[recon.rounding]
+        self.relaxed = kind.relaxed  # AdaRound: judged at hardening; STE: by the loss at STE_CHECK_AT and the end
         self.block_at_check: float | None = None  # STE: the calibration block loss at STE_CHECK_AT of the budget
         groups: list[dict] = [{"params": [r.variable for r in self.roundings], "lr": recon.weight_lr}]
-        if self.ste and recon.weight_scale_lr > 0:
+        if kind.learns_step and recon.weight_scale_lr > 0:
             groups.append({"params": [r.scale for r in self.roundings], "lr": recon.weight_scale_lr})
         self.weight_optimizer = torch.optim.Adam(groups)
         self.scale_optimizer = torch.optim.Adam(self.scales, lr=recon.scale_lr) if self.scales else None
@@ -180,7 +180,7 @@ class UnitOptimizer:
         inputs = qdrop_input(pick(x_q, images), pick(x_fp, images), recon.quant_prob, generator)
         terms = self.loss_terms(inputs, images, step % self.losses.global_every == 0)
         beta = rounding_beta(step, recon.iters, recon.round_warmup, recon.beta_start, recon.beta_end)
-        if beta is not None and not self.ste:  # STE has no rounding to push to 0 or 1
+        if beta is not None and self.relaxed:  # STE has no rounding to push to 0 or 1
             terms["rounding"] = torch.stack([r.regularizer(beta) for r in self.roundings]).sum()
         total = self.fusion(terms, step / recon.iters)
         if not torch.isfinite(total):
@@ -197,7 +197,7 @@ class UnitOptimizer:
         if self.scale_optimizer is not None and self.scale_schedule is not None:
             self.scale_optimizer.step()
             self.scale_schedule.step()
-        if self.ste and step + 1 == max(1, round(STE_CHECK_AT * recon.iters)):
+        if not self.relaxed and step + 1 == max(1, round(STE_CHECK_AT * recon.iters)):
             self.block_at_check = self._calibration_block_loss(x_q)
         return {k: v.detach() for k, v in terms.items()}
 
@@ -220,11 +220,11 @@ class UnitOptimizer:
         90 % and at the end of the budget (no soft/hard gap to report), and ``moved``, the share of codes away from
         the FP weight's round-to-nearest.
         """
-        if self.ste:
+        if not self.relaxed:
             harden_unit(self.unit.module, self.roundings, self.scales)
             block_final = calibration_block_loss(self.unit, x_q, self.targets.output, self.recon.batch_size)
             at_check = block_final if self.block_at_check is None else self.block_at_check
-            moved = [(r.moved_share(), r.weight.numel()) for r in self.roundings]
+            moved = [(r.moved_share(), r.variable.numel()) for r in self.roundings]
             share = sum(s * n for s, n in moved) / max(1, sum(n for _, n in moved))
             return {"block_at_90": at_check, "block_final": block_final, "moved": share}
         with torch.no_grad():

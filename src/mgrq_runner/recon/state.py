@@ -23,7 +23,6 @@ from torch import nn
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.quant.api import quant_layers
-from mgrq_runner.recon.adaround import AdaRound
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,8 @@ def _derived_keys(module: nn.Module) -> set[str]:
     for name, layer in quant_layers(module):
         prefix = f"{name}." if name else ""
         keys.add(f"{prefix}weight")
-        if isinstance(layer.rounding, AdaRound):
-            keys.add(f"{prefix}rounding.floor")
+        if layer.rounding is not None:
+            keys |= {f"{prefix}rounding.{name}" for name in layer.rounding.derived}
     return keys
 
 

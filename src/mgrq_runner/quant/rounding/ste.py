@@ -15,9 +15,11 @@ from torch import nn
 
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.quantizers import UniformQuantizer
+from mgrq_runner.quant.rounding.base import WeightRounding, register_rounding
 
 
-class SteRounding(nn.Module):
+@register_rounding
+class SteRounding(WeightRounding):
     """A learned weight and per-output-channel step on the grid of ``quantizer`` (its zero point stays fixed).
 
     Attributes:
@@ -25,6 +27,9 @@ class SteRounding(nn.Module):
         scale: the learned step per output channel, shaped ``[C, 1, ...]``, initialised from the quantizer's.
         reference: the FP weight, kept to report how many codes moved away from its round-to-nearest.
     """
+
+    name = "ste"
+    learns_step = True
 
     def __init__(self, weight: torch.Tensor, quantizer: UniformQuantizer) -> None:
         super().__init__()

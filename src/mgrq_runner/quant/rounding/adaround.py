@@ -12,12 +12,18 @@ from torch import nn
 
 from mgrq_runner.quant.primitives import qmax
 from mgrq_runner.quant.quantizers import UniformQuantizer
+from mgrq_runner.quant.rounding.base import WeightRounding, register_rounding
 
 ZETA, GAMMA = 1.1, -0.1
 
 
-class AdaRound(nn.Module):
+@register_rounding
+class AdaRound(WeightRounding):
     """Learned rounding of one weight tensor on the grid of ``quantizer`` (per output channel)."""
+
+    name = "adaround"
+    relaxed = True
+    derived = ("floor",)
 
     def __init__(self, weight: torch.Tensor, quantizer: UniformQuantizer) -> None:
         super().__init__()
@@ -40,6 +46,11 @@ class AdaRound(nn.Module):
         rounding = (self.variable >= 0).to(self.floor) if self.hard else self.soft_rounding()
         codes = torch.clamp(self.floor + rounding + self.zero_point, 0, qmax(self.bits))
         return (codes - self.zero_point) * self.scale
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """``floor + 1[V >= 0] + zero_point``, clamped to the grid: the hardened weight's codes."""
+        return torch.clamp(self.floor + (self.variable >= 0).to(self.floor) + self.zero_point, 0, qmax(self.bits))
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(V) - 1|^beta)``: zero once every weight is rounded firmly down or up."""
