@@ -44,8 +44,7 @@ from mgrq_runner.devices import machine_description
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
-from mgrq_runner.quant.rotation import rotate_
-from mgrq_runner.recon.mlp_relu import swap_gelu_for_relu_
+from mgrq_runner.transforms.pipeline import rebuild_structure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.emulated_cpu: an export's 8-bit weights in the int8 containers of before
@@ -76,9 +75,8 @@ def runner_w8a8(
     depend on their weights."""
     config = QuantConfig(w_bits=bits[0], a_bits=bits[1], softmax_quantizer=softmax)
     model = copy.deepcopy(model).eval()
-    if glfq:
-        swap_gelu_for_relu_(model)
-        rotate_(model, seed=0)
+    if glfq:  # the structure of method=glfq's export
+        rebuild_structure(model, {"mlp_relu": True, "rotation": "hadamard"})
     quantized = quantize_(model, config)
     calibrate(quantized, calib.split(32), len(calib.split(32)), InitConfig(reparam=not glfq), torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)

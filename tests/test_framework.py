@@ -11,8 +11,8 @@ import torch
 
 from mgrq_runner.data import load_fashion_mnist
 from mgrq_runner.deploy.safetensors_export import load_quantized, read_manifest
-from mgrq_runner.quant.rotation import RMSNorm
 from mgrq_runner.run import run
+from mgrq_runner.transforms.rotation import RMSNorm
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 from tests.test_resume import stop_at
 

@@ -42,10 +42,8 @@ from mgrq_runner.files import write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant.api import quantize_
 from mgrq_runner.quant.calibrate import calibrate
-from mgrq_runner.quant.rotation import rotate_
 from mgrq_runner.recon.curves import LossCurves, StepCallback
 from mgrq_runner.recon.engine import reconstruct, reconstruction_summary
-from mgrq_runner.recon.mlp_relu import relu_mlps_, swap_gelu_for_relu_
 from mgrq_runner.recon.projection import project, projection_summary
 from mgrq_runner.recon.state import ReconState, check_same_config
 from mgrq_runner.results import (
@@ -68,6 +66,7 @@ from mgrq_runner.rundir import (
 )
 from mgrq_runner.settings import ModelSettings, RunSettings, parse_settings
 from mgrq_runner.tracking import tracked
+from mgrq_runner.transforms.pipeline import apply_fp_transforms
 
 log = logging.getLogger(__name__)
 
@@ -283,16 +282,7 @@ def transform_fp_model(
     method = settings.method
     assert method is not None and method.init is not None
     model = copy.deepcopy(fp_model)
-    record: dict[str, Any] = {}
-    if method.mlp_relu is not None and settings.dry_run:  # the structure the projection needs, not the training
-        record["mlp_relu"] = {"swapped_only": swap_gelu_for_relu_(model), "note": "dry_run: not re-trained"}
-    elif method.mlp_relu is not None:
-        config = method.mlp_relu
-        mlps = relu_mlps_(model, images, config, settings.seed)
-        record["mlp_relu"] = {"iters": config.iters, "lr": config.lr, "batch_size": config.batch_size, "mlps": mlps}
-    if method.init.rotation != "none":
-        record["rotation"] = rotate_(model, settings.seed)
-    results_file.update(fp_transform=record)
+    results_file.update(fp_transform=apply_fp_transforms(model, images, method, settings.seed, settings.dry_run))
     return model.eval()
 
 

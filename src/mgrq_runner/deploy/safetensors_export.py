@@ -40,11 +40,11 @@ from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_laye
 from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
-from mgrq_runner.quant.rotation import ROTATIONS, rotate_
 from mgrq_runner.quant.rounding import ROUNDINGS
-from mgrq_runner.recon.mlp_relu import swap_gelu_for_relu_
 from mgrq_runner.rundir import EXPORT_MANIFEST, EXPORT_WEIGHTS, ONNX_FILE
 from mgrq_runner.settings import ModelSettings
+from mgrq_runner.transforms.pipeline import rebuild_structure
+from mgrq_runner.transforms.rotation import ROTATIONS
 
 FORMAT = "mgrq-quantized"
 FORMAT_VERSION = 2  # 2: the manifest digest, required file checksums, data identity
@@ -317,23 +317,15 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, run_dir: Path) -> N
         raise _mismatch(run_dir, f"{key}: saved shape {list(value.shape)}, model has {got}")
 
 
-def fp_structure(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
-    """``model`` (random weights) given the structure the exporting run's FP transformation left: ReLU MLPs, and
-    the rotation's RMSNorms, folded LayerScales and biases. The values do not matter: the export's replace them."""
-    if manifest.get("mlp_relu", False):
-        swap_gelu_for_relu_(model)
-    if manifest.get("rotation", "none") != "none":
-        rotate_(model, seed=0)
-    return model
-
-
 def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     tensors = _read_tensors(run_dir, manifest["weights_sha256"])
     model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
-    model = quantize_(fp_structure(create_model(model_settings), manifest), QuantConfig(**manifest["quant_config"]))
+    model = quantize_(
+        rebuild_structure(create_model(model_settings), manifest), QuantConfig(**manifest["quant_config"])
+    )
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
     if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
         raise _mismatch(run_dir, "its quantized layers differ from the manifest's")

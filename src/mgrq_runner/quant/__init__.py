@@ -1,1 +1,1 @@
-"""Quantization: primitives, quantizers, quantized layers, attention, quantize_, calibration."""
+"""Quantization: primitives, quantizers, quantized layers, attention, quantize_, calibration, weight roundings."""

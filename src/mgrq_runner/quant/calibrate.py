@@ -13,7 +13,7 @@ from mgrq_runner.quant.api import activation_quantizers, quant_layers, set_quant
 from mgrq_runner.quant.primitives import choose_qparams, search_log_sqrt2_delta, search_uniform_range
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, Observer
 from mgrq_runner.quant.reparam import reparam_pairs, reparameterize_
-from mgrq_runner.quant.rotation import ROTATIONS
+from mgrq_runner.transforms.rotation import ROTATIONS
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class InitConfig:
         percentiles: candidate upper percentiles for ``mse`` (1.0 = min/max).
         reparam: apply the RepQ-ViT post-LayerNorm reparameterisation.
         observer_samples: elements each activation observer keeps over the whole calibration set.
-        rotation: ``hadamard``: rotate the FP model before quantization (``quant.rotation``); ``none``.
-        mlp_relu: replace every MLP's GELU by ReLU and re-train fc1/fc2 in FP first (``recon.mlp_relu``).
+        rotation: ``hadamard``: rotate the FP model before quantization (``transforms.rotation``); ``none``.
+        mlp_relu: replace every MLP's GELU by ReLU and re-train fc1/fc2 in FP first (``transforms.mlp_relu``).
     """
 
     search: str = "mse"

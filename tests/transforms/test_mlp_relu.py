@@ -10,7 +10,8 @@ from torch import nn
 
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.models import create_proxy_model
-from mgrq_runner.recon.mlp_relu import MlpReluConfig, mlp_modules, relu_mlps_, swap_gelu_for_relu_
+from mgrq_runner.settings import MlpReluConfig
+from mgrq_runner.transforms.mlp_relu import mlp_modules, relu_mlps_, swap_gelu_for_relu_
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from torch import nn
 from mgrq_runner.errors import ModelError
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
-from mgrq_runner.quant.rotation import ROTATIONS, RMSNorm, orthogonal_matrix, rotate_
+from mgrq_runner.transforms.rotation import ROTATIONS, RMSNorm, orthogonal_matrix, rotate_
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp
@@ -21,41 +20,13 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mgrq_runner.errors import ConfigError, ModelError, NumericalError
+from mgrq_runner.errors import ModelError, NumericalError
 from mgrq_runner.recon.units import model_units
+from mgrq_runner.settings import MlpReluConfig
 
 # The activations that count as "the original GELU": torch's and timm's own (``act_layer="gelu"`` builds timm's).
 GELU_TYPES = (nn.GELU, TimmGELU, TimmGELUTanh)
 OnStep = Callable[[str, int, float, int], None]
-
-
-@dataclass(frozen=True)
-class MlpReluConfig:
-    """How each MLP's fc1/fc2 are re-trained after the swap."""
-
-    iters: int = 500  # Adam steps per MLP
-    lr: float = 1e-3  # Adam learning rate on fc1/fc2 weights and biases, cosine-annealed to 0
-    batch_size: int = 32  # images per step
-
-    def __post_init__(self) -> None:
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ConfigError(
-                f"method.init.mlp_relu_iters={self.iters} must be an integer >= 1; "
-                "Fix: method.init.mlp_relu_iters=500 (Adam steps per MLP)."
-            )
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, (int, float))
-            or not (math.isfinite(self.lr) and self.lr > 0)
-        ):
-            raise ConfigError(
-                f"method.init.mlp_relu_lr={self.lr} must be a finite number > 0; Fix: method.init.mlp_relu_lr=1e-3."
-            )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(
-                f"method.init.mlp_relu_batch_size={self.batch_size} must be an integer >= 1; "
-                "Fix: method.init.mlp_relu_batch_size=32 (images per step)."
-            )
 
 
 def mlp_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
