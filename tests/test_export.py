@@ -142,6 +142,14 @@ def test_random_calibration_and_adaround_round_trip(tmp_path) -> None:
     assert torch.equal(_logits(loaded, images), _logits(model, images))
     codes = load_file(str(tmp_path / EXPORT_WEIGHTS))["blocks.0.attn.qkv.weight_codes"]
     assert int(codes.max()) <= 7
+    # the same export, written again and again, is the same bytes: its checksum identifies its content
+    checksums = set()
+    for attempt in range(12):
+        again = tmp_path / f"again_{attempt}"
+        again.mkdir()
+        export_quantized(model, again, {**info, "quant_config": vars(config), "num_calib": 8})
+        checksums.add(file_sha256(again / EXPORT_WEIGHTS))
+    assert checksums == {file_sha256(tmp_path / EXPORT_WEIGHTS)}
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path) -> None:

@@ -143,7 +143,9 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     weights_path = run_dir / EXPORT_WEIGHTS
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes the metadata map in an order that changes from call to call, so
+        # two keys made the same export's bytes (and checksum) differ between runs; the version is the manifest's
+        save_file(tensors, str(tmp), metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
         tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
 
     write_atomic(weights_path, write)
