@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT, converged
+from mgrq_runner.results import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT, converged
 from mgrq_runner.rundir import results_path
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
 """A run's ``results.json``, end to end: its schema (``Results``), the builders of its fields, the record of a job
-refused before it started, and the writer (``ResultsFile``: atomic, rewritten after every change).
+refused before it started, the writer (``ResultsFile``: atomic, rewritten after every change), and the convergence
+criterion a unit's report in it is judged by.
 
 No torch import at module level: ``analysis`` reads the schema without loading a model's libraries; the builders
 that describe a model or a machine import what they need when called.
@@ -14,7 +15,7 @@ import logging
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,7 +80,7 @@ class Results(TypedDict, total=False):
     # method.init.rotation / mlp_relu: what the FP model's transformation did (each MLP's budget and losses,
     # the rotation's sizes and construction)
     fp_transform: dict[str, Any]
-    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (recon.convergence), seconds;
+    # reconstruction: per unit, final loss terms, block_soft, block_hard, undecided (converged, below), seconds;
     # STE (method.recon.rounding=ste): block_at_90, block_final, moved instead of the last three
     reconstruction: list[dict[str, Any]]
     export: dict[str, Any]  # export=true: file paths and sizes
@@ -317,3 +318,31 @@ def record_early_failure(cfg: DictConfig, overrides: list[str], err: MgrqError) 
         pass
     error = f"{type(err).__name__}: {error_message(err)}"
     ResultsFile(path, fields).update(status="failed", error=error)  # type: ignore[arg-type]
+
+
+# -- convergence: the criterion a unit's report is judged by (docs/method.md section 5) --------------------------
+#
+# The engine reports, per unit, ``block_soft`` and ``block_hard`` (the block loss on the calibration set just before
+# and just after hardening the rounding) and ``undecided`` (the share of rounding variables with 0.01 < h(V) < 0.99).
+# A unit tuned by STE (``method.recon.rounding=ste``) has nothing to harden; it reports ``block_at_90`` and
+# ``block_final``, the same calibration block loss at 90 % and at 100 % of its budget, and counts as converged when
+# the last tenth of the budget lowered it by less than ``STE_PLATEAU`` (the loss has flattened). The runner's console
+# and the collector both judge by these functions.
+
+HARDENING_JUMP_LIMIT = 1.2  # block_hard / block_soft of a converged unit
+UNDECIDED_LIMIT = 0.02  # share of rounding variables still between 0.01 and 0.99 at the end
+STE_PLATEAU = 0.01  # STE: largest relative drop of the block loss over the last 10 % of the budget
+
+
+def converged(unit: Mapping[str, Any]) -> bool:
+    """Whether one unit's report meets the criterion (a unit without rounding variables always does)."""
+    if "block_final" in unit:
+        return unit["block_final"] >= (1.0 - STE_PLATEAU) * unit["block_at_90"]
+    if "block_hard" not in unit:
+        return True
+    return unit["block_hard"] <= HARDENING_JUMP_LIMIT * unit["block_soft"] and unit["undecided"] < UNDECIDED_LIMIT
+
+
+def unconverged_units(reconstruction: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names of the units of a run's ``reconstruction`` list that miss the criterion."""
+    return [str(unit.get("unit")) for unit in reconstruction if not converged(unit)]

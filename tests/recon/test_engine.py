@@ -11,10 +11,10 @@ from mgrq_runner.quant.api import QuantConfig, quant_layers, quantize_, set_quan
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.recon.cache import UnitTargets, capture_points, fp_outputs
 from mgrq_runner.recon.config import LossConfig, ReconConfig
-from mgrq_runner.recon.convergence import converged
 from mgrq_runner.recon.engine import reconstruct
 from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
 from mgrq_runner.recon.units import model_units, run_units
+from mgrq_runner.results import converged
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist

@@ -16,9 +16,9 @@ from mgrq_runner.quant.primitives import dequantize, search_uniform_range
 from mgrq_runner.quant.quantizers import UniformQuantizer
 from mgrq_runner.quant.rounding import SteRounding
 from mgrq_runner.recon.config import LossConfig, ReconConfig
-from mgrq_runner.recon.convergence import converged
 from mgrq_runner.recon.engine import reconstruct
 from mgrq_runner.recon.units import model_units
+from mgrq_runner.results import converged
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 

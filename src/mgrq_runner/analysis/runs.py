@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mgrq_runner.presets import SWITCH_KEYS, preset_values
-from mgrq_runner.recon.convergence import unconverged_units
-from mgrq_runner.results import Results
+from mgrq_runner.results import Results, unconverged_units
 from mgrq_runner.rundir import RESULTS, held
 
 FP_LABEL = "FP"

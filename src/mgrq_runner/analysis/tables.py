@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mgrq_runner.analysis.published import PUBLISHED
 from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write_runs_csv
-from mgrq_runner.recon.convergence import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT
+from mgrq_runner.results import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
 TIMING_CSV = "timing.csv"  # the runs of a collection's s/run column (mgrq-collect --timing)

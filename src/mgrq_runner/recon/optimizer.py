@@ -212,7 +212,7 @@ class UnitOptimizer:
                 quantizer.quant_prob = prob
 
     def harden(self, x_q: torch.Tensor) -> dict[str, float]:
-        """Hardens the unit and reports its convergence (docs/method.md section 5, ``recon.convergence``).
+        """Hardens the unit and reports its convergence (docs/method.md section 5, ``results.converged``).
 
         AdaRound: ``block_soft`` and ``block_hard`` are the block loss on the whole calibration set (quantized
         input, no QDrop) just before and just after hardening; ``undecided`` is the fraction of rounding variables
