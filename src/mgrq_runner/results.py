@@ -27,7 +27,7 @@ from mgrq_runner import __version__
 from mgrq_runner.errors import MgrqError, error_message
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.presets import preset_values
-from mgrq_runner.rundir import results_path
+from mgrq_runner.rundir import RESULTS, results_path
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +102,29 @@ class Results(TypedDict, total=False):
     num_calib: int
     num_eval: int
     throughput: dict[str, float]  # images per second, per evaluated model
+
+
+class UnreadableResults(Exception):
+    """A results.json that cannot be read as a record; the message says why."""
+
+
+def read_results(path: str | Path) -> Results:
+    """A run's ``results.json`` (``path``: the file, or the run dir holding it) as read: a JSON object.
+
+    The one reader of the format: resume, the trackers and the collector call it and decide, each for itself,
+    what an unreadable record means. Raises UnreadableResults naming the reason (missing, not UTF-8 JSON, not an
+    object).
+    """
+    path = Path(path)
+    if path.is_dir() and path.name != RESULTS:
+        path = results_path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableResults(f"{type(err).__name__}: {err}") from None
+    if not isinstance(results, dict):
+        raise UnreadableResults("not a JSON object")
+    return results
 
 
 class ResultsFile:

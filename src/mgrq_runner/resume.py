@@ -6,11 +6,11 @@ The reconstruction's own saved state is ``recon.state.ReconState``; this module 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from mgrq_runner.errors import ConfigError
+from mgrq_runner.results import UnreadableResults, read_results
 from mgrq_runner.rundir import RESULTS, results_path
 
 # data keys that only concern evaluation (or where the files are): they may change between an interrupted run
@@ -91,7 +91,7 @@ def resume_target(resume: Any, output_dir: str) -> tuple[Path, bool]:
 def previous_results(run_dir: Path) -> dict[str, Any] | None:
     """The run directory's results.json, or None when it has none (or an unreadable one)."""
     try:
-        results = json.loads(results_path(run_dir).read_text())
-    except (OSError, json.JSONDecodeError):
+        results = read_results(run_dir)
+    except UnreadableResults:
         return None
-    return results if isinstance(results, dict) and isinstance(results.get("config"), dict) else None
+    return dict(results) if isinstance(results.get("config"), dict) else None

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from mgrq_runner.errors import ConfigError, Interrupted, MgrqError, error_message
 from mgrq_runner.files import write_text_atomic
+from mgrq_runner.results import read_results
 from mgrq_runner.rundir import (
     CALIBRATION_LIST,
     CLASS_LIST,
@@ -40,7 +41,6 @@ from mgrq_runner.rundir import (
     RESULTS,
     TENSORBOARD_DIR,
     TRACKING_RUN,
-    results_path,
 )
 from mgrq_runner.settings import TRACKING_HINT
 
@@ -301,7 +301,7 @@ class MlflowTracker(Tracker):
         try:
             # a server gone since the start: one line now, not minutes of the client's retries
             probe(self.uri, str(self.settings.logger.uri_source))
-            results = read_json(results_path(self.settings.run_dir))
+            results = read_results(self.settings.run_dir)
             curves = read_json(self.settings.run_dir / RECON_CURVES) if results.get("reconstruction") else {}
             metrics = [(k, v, 0) for k, v in final_metrics(results).items()] + list(curve_points(curves))
             self._log(metrics=metrics, tags=result_tags(results))
@@ -367,7 +367,7 @@ class TensorBoardTracker(Tracker):
 
     def finish(self) -> None:
         try:
-            results = read_json(results_path(self.settings.run_dir))
+            results = read_results(self.settings.run_dir)
             curves = read_json(self.settings.run_dir / RECON_CURVES) if results.get("reconstruction") else {}
             with self._writer() as writer:
                 for key, value in final_metrics(results).items():

@@ -7,7 +7,6 @@ A collection's ``runs.csv`` (one run a line, written by ``write_runs_csv``) is r
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mgrq_runner.presets import SWITCH_KEYS, preset_values
-from mgrq_runner.results import Results, unconverged_units
+from mgrq_runner.results import UnreadableResults, read_results, unconverged_units
 from mgrq_runner.rundir import RESULTS, held
 
 FP_LABEL = "FP"
@@ -166,15 +165,13 @@ def load_run(path: str | Path) -> RunRow:
     if path.is_dir():
         path = path / RESULTS
     try:
-        results: Results = json.loads(path.read_text())
-        if isinstance(results, dict) and results.get("status") == "running" and held(path.parent) is False:
-            results = json.loads(path.read_text())  # it may have ended between the read and the lock's answer
-            if isinstance(results, dict) and results.get("status") == "running":
+        results = read_results(path)
+        if results.get("status") == "running" and held(path.parent) is False:
+            results = read_results(path)  # it may have ended between the read and the lock's answer
+            if results.get("status") == "running":
                 results = {**results, "status": "interrupted", "error": KILLED}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return _unreadable(path, f"{type(err).__name__}: {err}")
-    if not isinstance(results, dict):
-        return _unreadable(path, "not a JSON object")
+    except UnreadableResults as err:
+        return _unreadable(path, str(err))
 
     method = str(results.get("method", UNKNOWN))
     method_cfg = _select(results, "config.method")
