@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import platform
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,17 @@ def warn_if_cpu_busy(threads: int) -> None:
             CPU_CORES,
             threads,
         )
+
+
+def set_threads(requested: int | None, concurrent_jobs: int) -> int:
+    """``threads=N``, else the cores shared among the jobs the launcher runs at once (``cpu_threads``); warns when
+    the machine is busy. Returns the thread count set."""
+    threads = cpu_threads(requested, concurrent_jobs)
+    torch.set_num_threads(threads)
+    warn_if_cpu_busy(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """A run's ``results.json``, end to end: its schema (``Results``), the builders of its fields, the record of a job
-refused before it started, the writer (``ResultsFile``: atomic, rewritten after every change), and the convergence
-criterion a unit's report in it is judged by.
+refused before it started, the writer (``ResultsFile``: atomic, rewritten after every change), the record of how a
+job ended (``failure_recorded``), the one reader (``read_results``), and the convergence criterion a unit's report in
+it is judged by.
 
 No torch import at module level: ``analysis`` reads the schema without loading a model's libraries; the builders
 that describe a model or a machine import what they need when called.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import __version__
-from mgrq_runner.errors import MgrqError, error_message
+from mgrq_runner.errors import Interrupted, MgrqError, error_message
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.presets import preset_values
 from mgrq_runner.rundir import RESULTS, results_path
@@ -341,6 +342,29 @@ def record_early_failure(cfg: DictConfig, overrides: list[str], err: MgrqError) 
         pass
     error = f"{type(err).__name__}: {error_message(err)}"
     ResultsFile(path, fields).update(status="failed", error=error)  # type: ignore[arg-type]
+
+
+@contextmanager
+def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
+    """Marks results.json ``failed`` (or ``interrupted`` by Ctrl-C or SIGTERM), with the reason, when the block
+    raises; the exception goes on."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as err:
+        reason = f"signal {err.signum}" if isinstance(err, Interrupted) else "KeyboardInterrupt"
+        record_ending(results_file, status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
+        raise
+    except BaseException as err:
+        record_ending(results_file, status="failed", error=f"{type(err).__name__}: {error_message(err)}")
+        raise
+
+
+def record_ending(results_file: ResultsFile, **fields: Any) -> None:
+    """Records how the run ended, if the disk still lets it: the error that ended it is the one reported."""
+    try:
+        results_file.update(**fields)
+    except (OSError, MgrqError) as err:
+        log.error("could not record status %s in %s: %s", fields.get("status"), results_file.path, err)
 
 
 # -- convergence: the criterion a unit's report is judged by (docs/method.md section 5) --------------------------

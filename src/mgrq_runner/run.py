@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,18 +22,11 @@ from omegaconf import DictConfig
 from mgrq_runner.allocator import keep_freed_memory
 from mgrq_runner.console import print_projection, print_summary, recon_progress, track
 from mgrq_runner.data import DataBundle, build_data, create_loader, resolved_data_config
-from mgrq_runner.deploy.onnx_export import (
-    OnnxRuntimeModel,
-    check_onnx_file,
-    cpu_int8_kernels,
-    export_onnx,
-    int16_overflowing_weights,
-    integer_kernels,
-)
+from mgrq_runner.deploy.onnx_export import export_onnx, onnxruntime_models
 from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized, read_manifest
-from mgrq_runner.devices import cpu_threads, resolve_device, warn_if_cpu_busy
+from mgrq_runner.devices import resolve_device, seed_everything, set_threads
 from mgrq_runner.distributed import evaluate_distributed
-from mgrq_runner.errors import ConfigError, Interrupted, MgrqError, ModelError, error_message
+from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.evaluate import EvalResult, evaluate
 from mgrq_runner.files import write_text_atomic
 from mgrq_runner.models import create_model
@@ -50,6 +40,7 @@ from mgrq_runner.results import (
     ResultsFile,
     eval_fields,
     export_info,
+    failure_recorded,
     model_fields,
     run_fields,
     score_fields,
@@ -58,13 +49,12 @@ from mgrq_runner.resume import check_same_question, fingerprint, previous_result
 from mgrq_runner.rundir import (
     CALIBRATION_LIST,
     CLASS_LIST,
-    ONNX_FILE,
     RECON_CURVES,
     RECON_STATE,
     locked,
     results_path,
 )
-from mgrq_runner.settings import ModelSettings, RunSettings, parse_settings
+from mgrq_runner.settings import RunSettings, parse_settings
 from mgrq_runner.tracking import tracked
 from mgrq_runner.transforms.pipeline import apply_fp_transforms
 
@@ -90,24 +80,12 @@ def run(cfg: DictConfig, on_step: StepCallback | None = None) -> Outcome:
 def run_settings(settings: RunSettings, on_step: StepCallback | None = None) -> Outcome:
     """``run`` on parsed settings."""
     keep_freed_memory()  # reconstruction's big temporaries are reused instead of faulted in afresh
-    set_threads(settings)
+    set_threads(settings.threads, settings.concurrent_jobs)
     if settings.resume:
         log.info("resume: run %s, its results are written there", settings.run_dir)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     with locked(settings.run_dir):
         return _run_eval_job(settings) if settings.mode == "eval" else _run_job(settings, on_step)
-
-
-def set_threads(settings: RunSettings) -> None:
-    """``threads=N``, else the cores shared among the jobs the launcher runs at once (``cpu_threads``)."""
-    threads = cpu_threads(settings.threads, settings.concurrent_jobs)
-    torch.set_num_threads(threads)
-    warn_if_cpu_busy(threads)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------- mode=run
@@ -154,29 +132,6 @@ def recon_state(settings: RunSettings) -> ReconState:
     else:
         state.clear()
     return state
-
-
-@contextmanager
-def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
-    """Marks results.json ``failed`` (or ``interrupted`` by Ctrl-C or SIGTERM), with the reason, when the block
-    raises; the exception goes on."""
-    try:
-        yield
-    except (KeyboardInterrupt, Interrupted) as err:
-        reason = f"signal {err.signum}" if isinstance(err, Interrupted) else "KeyboardInterrupt"
-        _record(results_file, status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
-        raise
-    except BaseException as err:
-        _record(results_file, status="failed", error=f"{type(err).__name__}: {error_message(err)}")
-        raise
-
-
-def _record(results_file: ResultsFile, **fields: Any) -> None:
-    """Records how the run ended, if the disk still lets it: the error that ended it is the one reported."""
-    try:
-        results_file.update(**fields)
-    except (OSError, MgrqError) as err:
-        log.error("could not record status %s in %s: %s", fields.get("status"), results_file.path, err)
 
 
 def _pipeline(
@@ -409,7 +364,8 @@ def _run_eval_job(settings: RunSettings) -> Outcome:
             model = load_quantized(checkpoint, device)
             models = {"quant": model}
             if settings.eval.runtime == "onnxruntime":
-                models = onnxruntime_models(model, manifest, checkpoint, device, results_file)
+                models, onnx_record = onnxruntime_models(model, manifest, checkpoint, device)
+                results_file.update(onnx=onnx_record)
         with results_file.stage("data"):  # the exporting run's num_calib: data.eval_split=heldout excludes those images
             bundle = build_data(settings.data, model, max(num_calib, 1), settings.seed)
         check_classes(model, bundle, settings)
@@ -438,31 +394,3 @@ def check_export_classes(manifest: dict[str, Any], bundle: DataBundle, checkpoin
         f"here). Fix: data.root=<the tree it was made on>, or put the export's {CLASS_LIST} (in {checkpoint}) at "
         "the data root."
     )
-
-
-def onnxruntime_models(
-    model: torch.nn.Module, manifest: dict[str, Any], checkpoint: Path, device: torch.device, results_file: ResultsFile
-) -> dict[str, torch.nn.Module]:
-    """``eval.runtime=onnxruntime``: the FP model (when its weights can be reloaded), the simulated model and the
-    export's ``model.onnx`` under onnxruntime, evaluated in one pass (the last one's scores are the run's)."""
-    if "onnx" not in manifest:
-        raise ModelError(f"{checkpoint} holds no ONNX export. Fix: re-run that job with export=onnx.")
-    path = checkpoint / ONNX_FILE  # read_manifest allows no other name: nothing outside the run dir is loaded
-    check_onnx_file(path, model, manifest["onnx"])
-    models: dict[str, torch.nn.Module] = {}
-    source = ModelSettings.parse(manifest["model"])
-    if source.pretrained or source.checkpoint:  # the FP weights the run started from
-        models["fp"] = create_model(source).to(device).eval()
-    models["simulation"] = model
-    models["onnxruntime"] = runtime = OnnxRuntimeModel(path, device)
-    cpu = cpu_int8_kernels()
-    if cpu["u8s8_pairs_in_int16"] and int16_overflowing_weights(path):
-        log.warning(
-            "%s holds 8-bit weights in int8, whose products can overflow the int16 sums of onnxruntime's %s "
-            "kernels: its logits may differ from the simulation's. Fix: re-export it with this version (uint8)",
-            path,
-            cpu["isa"],
-        )
-    kernels = integer_kernels(path)
-    results_file.update(onnx={"file": str(path), "providers": runtime.providers, "kernels": kernels, "cpu": cpu})
-    return models

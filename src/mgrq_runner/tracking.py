@@ -1,6 +1,6 @@
 """Experiment tracking (``logger=``): each run's config, scores, loss curves and files, also in MLflow or TensorBoard.
 
-``tracked(settings)`` wraps a job's pipeline, inside ``run.failure_recorded``; the job calls ``Tracker.finish`` once
+``tracked(settings)`` wraps a job's pipeline, inside ``results.failure_recorded``; the job calls ``Tracker.finish`` once
 the pipeline is done and results.json says so. The tracker is opened and checked first: a store that cannot be
 reached or written is one ``ConfigError`` naming it and the fix, before any calibration or reconstruction. The
 run's flattened config is logged as parameters at the start; everything else is logged at the end from the files

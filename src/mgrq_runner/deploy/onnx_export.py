@@ -34,13 +34,16 @@ from torch import nn
 
 from mgrq_runner.errors import ModelError
 from mgrq_runner.files import file_sha256, write_atomic
+from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import activation_quantizers, quant_layers, quantizers, replace_module
 from mgrq_runner.quant.codes import weight_codes, weight_grid
 from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.rundir import ONNX_FILE
-from mgrq_runner.settings import require_deploy
+from mgrq_runner.settings import ModelSettings, require_deploy
+
+log = logging.getLogger(__name__)
 
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -499,3 +502,31 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.session.run(None, {self.input_name: images.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(logits).to(images.device)
+
+
+def onnxruntime_models(
+    model: nn.Module, manifest: dict[str, Any], checkpoint: Path, device: torch.device
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """``eval.runtime=onnxruntime``: the FP model (when its weights can be reloaded), the simulated model and the
+    export's ``model.onnx`` under onnxruntime, to evaluate in one pass (the last one's scores are the run's), and
+    results.json's ``onnx`` record (file, providers, the optimised graph's kernels, the CPU's instruction set)."""
+    if "onnx" not in manifest:
+        raise ModelError(f"{checkpoint} holds no ONNX export. Fix: re-run that job with export=onnx.")
+    path = checkpoint / ONNX_FILE  # read_manifest allows no other name: nothing outside the run dir is loaded
+    check_onnx_file(path, model, manifest["onnx"])
+    models: dict[str, nn.Module] = {}
+    source = ModelSettings.parse(manifest["model"])
+    if source.pretrained or source.checkpoint:  # the FP weights the run started from
+        models["fp"] = create_model(source).to(device).eval()
+    models["simulation"] = model
+    models["onnxruntime"] = runtime = OnnxRuntimeModel(path, device)
+    cpu = cpu_int8_kernels()
+    if cpu["u8s8_pairs_in_int16"] and int16_overflowing_weights(path):
+        log.warning(
+            "%s holds 8-bit weights in int8, whose products can overflow the int16 sums of onnxruntime's %s "
+            "kernels: its logits may differ from the simulation's. Fix: re-export it with this version (uint8)",
+            path,
+            cpu["isa"],
+        )
+    record = {"file": str(path), "providers": runtime.providers, "kernels": integer_kernels(path), "cpu": cpu}
+    return models, record
