@@ -146,10 +146,10 @@ def weight_container(bits: int) -> torch.dtype:
     uint8 activation x int8 weight products can leave int16, else uint8.
 
     Centred b-bit codes lie in ``-2**(b-1) .. 2**(b-1) - 1``, so a pair sums to at most ``2 * 255 * 2**(b-1)``:
-    within int16 up to 7 bits, 65 280 at 8 bits, which the AVX2 kernel clips (logits off by up to a tenth). uint8
-    weights make onnxruntime take its u8 x u8 kernel instead: on AVX2 it widens both operands to 16 bits and sums
-    pairs in int32, with VNNI it is the same 32-bit kernel as u8 x s8; exact on every x86 CPU. Below 8 bits the
-    u8 x s8 kernel stays, exact too and the faster of the two where there is no VNNI.
+    within int16 up to 7 bits, 65 280 at 8 bits, which the AVX2 kernel clips (the proxies' logits moved by up to
+    a tenth of the largest). uint8 weights make onnxruntime take its u8 x u8 kernel instead, which sums pairs in
+    int32 on every x86 CPU: exact, but about half as fast as u8 x s8 on a VNNI CPU (docs/deploy.md). Below 8 bits
+    the u8 x s8 kernel stays: exact there too, and the faster one.
     """
     return torch.int8 if 2 * 255 * 2 ** (bits - 1) <= INT16_MAX else torch.uint8
 
