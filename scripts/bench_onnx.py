@@ -1,8 +1,8 @@
 """ONNX deployment benchmark: FP32, this runner's W8A8 export and onnxruntime's own quantize_static W8A8.
 
 For each model (deit_s with random weights, the shipped proxy ViT) it exports the FP32 model, quantizes it with
-this runner (calibration only: speed and size do not depend on the method; two softmax quantizers, and the
-structure of method=glfq: rotated, RMSNorm, ReLU MLPs, uniform softmax) and with
+this runner (calibration only: speed and size do not depend on the method; two softmax quantizers, export=onnx_vnni's
+int8 8-bit weights, and the structure of method=glfq: rotated, RMSNorm, ReLU MLPs, uniform softmax) and with
 onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration on the same
 images), then prints, side by side: throughput at batch 1 and 32 on the given threads, file size, and the integer
 kernels in onnxruntime's optimised graph (the proof that int8 kernels run). ``--accuracy`` adds the proxy's
@@ -21,7 +21,6 @@ import contextlib
 import copy
 import io
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +46,6 @@ from mgrq_runner.quant.calibrate import InitConfig, calibrate
 from mgrq_runner.transforms.pipeline import rebuild_structure
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.emulated_cpu: an export's 8-bit weights in the int8 containers of before
-from tests import emulated_cpu  # noqa: E402
 
 STATIC_BITS = {"W8A8": ("QInt8", "QUInt8"), "W4A8": ("QInt4", "QUInt8"), "W4A4": ("QInt4", "QUInt4")}
 
@@ -68,7 +65,13 @@ def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
 
 
 def runner_w8a8(
-    model: torch.nn.Module, calib: torch.Tensor, out: Path, softmax: str, bits: tuple[int, int], glfq: bool = False
+    model: torch.nn.Module,
+    calib: torch.Tensor,
+    out: Path,
+    softmax: str,
+    bits: tuple[int, int],
+    glfq: bool = False,
+    int8_weights: bool = False,
 ) -> Path:
     """This runner's export, calibrated only. ``glfq``: the structure of method=glfq (ReLU MLPs, the Hadamard
     rotation's RMSNorms, no RepQ reparameterisation); its MLPs are swapped, not re-trained: speed and size do not
@@ -80,16 +83,8 @@ def runner_w8a8(
     quantized = quantize_(model, config)
     calibrate(quantized, calib.split(32), len(calib.split(32)), InitConfig(reparam=not glfq), torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(quantized.eval(), out, calib[:2])
+    export_onnx(quantized.eval(), out, calib[:2], int8_weights)
     return out / "model.onnx"
-
-
-def int8_weights(export_dir: Path) -> Path:
-    """The export's 8-bit weights in int8 containers, as they were written before: the u8 x s8 kernels' speed, to
-    set beside the u8 x u8 kernels that the uint8 containers select (the same on VNNI CPUs, not on AVX2)."""
-    path = export_dir / "int8_weights.onnx"
-    emulated_cpu.int8_weight_copy(export_dir / "model.onnx", path)
-    return path
 
 
 def ort_quantize_static(fp32: Path, calib: torch.Tensor, out: Path, weight_type: str, activation_type: str) -> Path:
@@ -171,7 +166,9 @@ def bench(name: str, threads: int, seconds: float, accuracy: bool, tmp: Path) ->
         "FP32": fp32,
         "runner W8A8 (log-sqrt2 softmax)": runner_w8a8(model, calib, out / "runner_log", "log_sqrt2", (8, 8)),
         "runner W8A8 (uniform softmax)": runner_w8a8(model, calib, out / "runner_uniform", "uniform", (8, 8)),
-        "the same, int8 weights (before 2026-12; overflows on AVX2)": int8_weights(out / "runner_uniform"),
+        "the same, export=onnx_vnni (int8 8-bit weights)": runner_w8a8(
+            model, calib, out / "runner_vnni", "uniform", (8, 8), int8_weights=True
+        ),
         "runner W8A8 glfq (rotated, ReLU MLPs, uniform softmax)": runner_w8a8(
             model, calib, out / "runner_glfq", "uniform", (8, 8), glfq=True
         ),

@@ -7,7 +7,7 @@ that has AVX2 and no AVX-512 or VNNI, so the AVX2 kernels run, instruction for i
 
 As a script (it imports only numpy and onnxruntime: under emulation every import costs):
 
-    python tests/emulated_cpu.py model.onnx images.npy logits.npy
+    python tests/emulated_cpu.py model.onnx images.npy logits.npy [session.config.key=value ...]
 """
 
 from __future__ import annotations
@@ -26,21 +26,15 @@ AVX2_CPU = "EPYC-Milan"
 AVAILABLE = platform.machine() == "x86_64" and QEMU is not None
 
 
-def run_on_avx2(model: Path, inputs: np.ndarray, tmp: Path) -> np.ndarray:
-    """The outputs of ``model`` on ``inputs`` under onnxruntime's default session, on the emulated AVX2 CPU."""
+def run_on_avx2(model: Path, inputs: np.ndarray, tmp: Path, config: dict[str, str] | None = None) -> np.ndarray:
+    """The outputs of ``model`` on ``inputs`` under onnxruntime's default session with the session ``config``
+    entries (none: a plain session), on the emulated AVX2 CPU."""
     assert QEMU is not None
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "inputs.npy", inputs)
-    command = [
-        QEMU,
-        "-cpu",
-        AVX2_CPU,
-        sys.executable,
-        __file__,
-        str(model),
-        str(tmp / "inputs.npy"),
-        str(tmp / "out.npy"),
-    ]
+    entries = [f"{key}={value}" for key, value in (config or {}).items()]
+    command = [QEMU, "-cpu", AVX2_CPU, sys.executable, __file__, str(model), str(tmp / "inputs.npy")]
+    command += [str(tmp / "out.npy"), *entries]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"onnxruntime under qemu failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -79,11 +73,13 @@ def int8_weight_copy(source: Path, target: Path) -> int:
     return moved
 
 
-def main(model: str, inputs: str, out: str) -> None:
+def main(model: str, inputs: str, out: str, *entries: str) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()  # onnxruntime's defaults otherwise: what a user's plain session runs
     options.intra_op_num_threads = 1
+    for entry in entries:
+        options.add_session_config_entry(*entry.split("=", 1))
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     images, name = np.load(inputs), session.get_inputs()[0].name
     batches = np.array_split(images, max(1, len(images) // 256))  # bounded memory on a whole test split

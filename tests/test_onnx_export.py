@@ -31,6 +31,7 @@ from mgrq_runner.quant.quantizers import UniformQuantizer
 from mgrq_runner.quant.rounding import AdaRound
 from mgrq_runner.run import run
 from mgrq_runner.rundir import EXPORT_MANIFEST
+from mgrq_runner.settings import parse_settings
 from tests import emulated_cpu
 from tests.conftest import compose_config, needs_fashion_mnist
 from tests.recon.test_families import FAMILIES
@@ -42,7 +43,7 @@ from tests.recon.test_families import FAMILIES
 # AVX-512 VNNI CPU, 8 of these 12 images are exact at W8A8 (77 % of 96 fresh ones; 98 % at W4A4: coarser
 # grids), so EXACT_SHARE asks for half: a wrong scale, zero point or layout puts every image far off.
 EXACT, FLIPPED, EXACT_SHARE = 1e-4, 0.02, 0.5
-BITS = {"w8a8": (8, 8), "w4a4": (4, 4)}
+BITS = {"w8a8": (8, 8), "w4a4": (4, 4), "w8a8_vnni": (8, 8)}  # _vnni: export=onnx_vnni's int8 8-bit weights
 
 
 def _quantized(family: str, w_bits: int, a_bits: int) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -61,7 +62,14 @@ def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images)
 
 
-CASES = [("proxy_vit", "w8a8"), ("proxy_vit", "w4a4"), ("swin", "w8a8"), ("swin", "w4a4"), ("deit_distilled", "w4a4")]
+CASES = [
+    ("proxy_vit", "w8a8"),
+    ("proxy_vit", "w4a4"),
+    ("proxy_vit", "w8a8_vnni"),
+    ("swin", "w8a8"),
+    ("swin", "w4a4"),
+    ("deit_distilled", "w4a4"),
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{b}" for f, b in CASES])
@@ -70,8 +78,9 @@ def exported(request, tmp_path_factory) -> dict:
     w_bits, a_bits = BITS[bits]
     model, images = _quantized(family, w_bits, a_bits)
     out = tmp_path_factory.mktemp(f"{family}_{bits}")
-    info = export_onnx(model, out, images[:2])
-    return {"model": model, "images": images, "dir": out, "info": info, "bits": (w_bits, a_bits)}
+    int8_weights = bits.endswith("_vnni")
+    info = export_onnx(model, out, images[:2], int8_weights)
+    return {"model": model, "images": images, "dir": out, "info": info, "bits": (w_bits, a_bits), "int8": int8_weights}
 
 
 def _assert_same_function(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -143,14 +152,20 @@ def test_the_emulated_cpu_sums_u8_s8_pairs_in_int16(tmp_path) -> None:
 
 @needs_qemu
 def test_onnxruntime_logits_match_the_simulation_on_avx2_without_vnni(exported, tmp_path) -> None:
-    """The same parity on an emulated AVX2 CPU without VNNI, whose u8 x s8 kernel sums products in int16."""
+    """The same parity on an emulated AVX2 CPU without VNNI, whose u8 x s8 kernel sums products in int16, in a
+    session with the file's ``session_config`` (none but for export=onnx_vnni, which needs it: shown too)."""
     expected = _logits(exported["model"], exported["images"])
-    got = emulated_cpu.run_on_avx2(exported["dir"] / "model.onnx", exported["images"].numpy(), tmp_path)
+    path, images = exported["dir"] / "model.onnx", exported["images"].numpy()
+    got = emulated_cpu.run_on_avx2(path, images, tmp_path / "configured", exported["info"]["session_config"])
     _assert_same_function(torch.from_numpy(got), expected)
+    if exported["int8"]:  # a plain session does not compute the simulation's function with int8 8-bit weights
+        plain = torch.from_numpy(emulated_cpu.run_on_avx2(path, images, tmp_path / "plain"))
+        error = (plain - expected).abs().amax(dim=1) / expected.abs().max()
+        assert (error <= EXACT).float().mean() < EXACT_SHARE and error.max() > FLIPPED
 
 
 def test_deploy_model_computes_the_simulation_in_torch(exported) -> None:
-    deploy = deploy_model(exported["model"])
+    deploy = deploy_model(exported["model"], exported["int8"])
     expected = _logits(exported["model"], exported["images"])
     torch.testing.assert_close(_logits(deploy, exported["images"]), expected, rtol=1e-5, atol=1e-5)
 
@@ -168,14 +183,14 @@ def test_codes_are_the_b_bit_grid_in_8_bit_containers(exported) -> None:
     ]
     assert len(weight_codes) == sum(1 for _ in quant_layers(exported["model"]))
     for codes in weight_codes:
-        if w_bits == 8:  # uint8: onnxruntime's u8 x u8 kernels, exact on x86 without VNNI too
+        if w_bits == 8 and not exported["int8"]:  # uint8: onnxruntime's u8 x u8 kernels, exact without VNNI too
             assert str(codes.dtype) == "uint8"
             assert codes.max() > 2**7 - 1  # the test's W8 grid reaches the codes that overflowed as int8
         else:  # int8, within the b-bit grid shifted by 2**(b-1)
             assert str(codes.dtype) == "int8"
             assert codes.min() >= -(2 ** (w_bits - 1)) and codes.max() <= 2 ** (w_bits - 1) - 1
             # no pair of uint8 x int8 products leaves int16 in the AVX2 kernel, even at full-scale activations
-            assert 2 * 255 * int(np.abs(codes.astype(np.int16)).max()) <= 2**15 - 1
+            assert 2 * 255 * int(np.abs(codes.astype(np.int16)).max()) <= 2**15 - 1 or exported["int8"]
     image = graph.input[0].name
     assert sum(node.input[0] == image for node in quantize_nodes) == 1  # the patch embedding's 8-bit input
     for node in quantize_nodes:
@@ -193,8 +208,9 @@ def test_int8_weights_of_earlier_8_bit_exports_are_found(exported, tmp_path) -> 
     """An export in this version's containers has no weight that overflows int16 pair sums; the same W8 export with
     its uint8 codes moved into int8 (as exports were before) has one per quantized layer."""
     path = exported["dir"] / "model.onnx"
-    assert int16_overflowing_weights(path) == []
-    if exported["bits"][0] != 8:
+    assert bool(int16_overflowing_weights(path)) == exported["int8"]  # export=onnx_vnni keeps them, by choice
+    assert exported["info"]["session_config"] == ({"session.x64quantprecision": "1"} if exported["int8"] else {})
+    if exported["bits"][0] != 8 or exported["int8"]:
         return
     moved = emulated_cpu.int8_weight_copy(path, tmp_path / "int8.onnx")
     assert moved == sum(1 for _ in quant_layers(exported["model"]))
@@ -303,6 +319,13 @@ def test_onnxruntime_eval_needs_an_onnx_export(tmp_path) -> None:
     (run_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="does not match the checksum"):
         run(compose_config(tmp_path / "eval2", "mode=eval", f"checkpoint={run_dir}", "eval.runtime=onnxruntime"))
+
+
+def test_export_onnx_vnni_is_the_int8_weight_export(tmp_path: Path) -> None:
+    vnni = parse_settings(compose_config(tmp_path / "a", "export=onnx_vnni"))
+    assert vnni.export and vnni.export_onnx and vnni.onnx_int8_weights
+    portable = parse_settings(compose_config(tmp_path / "b", "export=onnx"))
+    assert portable.export_onnx and not portable.onnx_int8_weights
 
 
 def test_bad_onnx_settings_are_refused(tmp_path: Path) -> None:

@@ -299,7 +299,7 @@ def export_stage(
     manifest records it, and the data the model was calibrated on: ``mode=eval`` checks its classes)."""
     info = {**export_info(settings), "data_identity": bundle.identity}
     if settings.export_onnx:
-        info["onnx"] = export_onnx(model, settings.run_dir, images[:2])
+        info["onnx"] = export_onnx(model, settings.run_dir, images[:2], settings.onnx_int8_weights)
     exported = export_quantized(model, settings.run_dir, info)
     if "onnx" in info:
         exported["onnx"] = info["onnx"]

@@ -281,6 +281,7 @@ class RunSettings:
     progress: bool
     export: bool  # write the integer codes (quantized_model.*)
     export_onnx: bool  # and model.onnx
+    onnx_int8_weights: bool  # export=onnx_vnni: model.onnx keeps 8-bit weights in int8 (fast with VNNI)
     dry_run: bool
     resume: bool
     run_dir: Path  # where results go (a resumed run's own directory when resume= names one)
@@ -312,17 +313,17 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
     mode = _check_choice(config, "", "mode", ("run", "eval"))
     progress = _check_bool(config, "", "progress")
     export = config.get("export")
-    if export not in (True, False, "onnx"):
+    if export not in (True, False, "onnx", "onnx_vnni"):
         raise ConfigError(
             f"export={export!r} is unknown. Fix: export=true (integer codes, safetensors), export=onnx (that and "
-            "model.onnx) or export=false."
+            "model.onnx), export=onnx_vnni (int8 8-bit weights, for VNNI CPUs) or export=false."
         )
     dry_run = _check_bool(config, "", "dry_run")
     calib_num = _int(config["calib"], "calib", "num_images", 1, optional=True)
     model = ModelSettings.parse(config["model"])
     calib_batch = _int(config["calib"], "calib", "batch_size", 1)
     evaluation = _eval_settings(config, mode, device)
-    if export == "onnx" or evaluation.runtime == "onnxruntime":
+    if export in ("onnx", "onnx_vnni") or evaluation.runtime == "onnxruntime":
         require_deploy()
     data = DataSettings.parse(config["data"])
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
@@ -356,8 +357,9 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
         threads=threads,
         concurrent_jobs=launcher_jobs(hydra_cfg),
         progress=progress,
-        export=export in (True, "onnx"),
-        export_onnx=export == "onnx",
+        export=export in (True, "onnx", "onnx_vnni"),
+        export_onnx=export in ("onnx", "onnx_vnni"),
+        onnx_int8_weights=export == "onnx_vnni",
         dry_run=dry_run,
         resume=resuming,
         run_dir=Path(str(config["output_dir"])),

@@ -43,8 +43,6 @@ from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from mgrq_runner.rundir import ONNX_FILE
 from mgrq_runner.settings import ModelSettings, require_deploy
 
-log = logging.getLogger(__name__)
-
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 INTEGER_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
@@ -141,9 +139,11 @@ class DeployLogSqrt2(nn.Module):
 INT16_MAX = 2**15 - 1
 
 
-def weight_container(bits: int) -> torch.dtype:
+def weight_container(bits: int, int8_weights: bool = False) -> torch.dtype:
     """The ONNX container of ``bits``-bit weight codes: int8 (codes centred by ``2**(b-1)``) where no pair of
-    uint8 activation x int8 weight products can leave int16, else uint8.
+    uint8 activation x int8 weight products can leave int16, else uint8; ``int8_weights`` (``export=onnx_vnni``):
+    int8 at every width, for the u8 x s8 kernel's speed on VNNI CPUs (``session_config`` says what a session on
+    a CPU without VNNI then needs).
 
     Centred b-bit codes lie in ``-2**(b-1) .. 2**(b-1) - 1``, so a pair sums to at most ``2 * 255 * 2**(b-1)``:
     within int16 up to 7 bits, 65 280 at 8 bits, which the AVX2 kernel clips (the proxies' logits moved by up to
@@ -151,10 +151,10 @@ def weight_container(bits: int) -> torch.dtype:
     int32 on every x86 CPU: exact, but about half as fast as u8 x s8 on a VNNI CPU (docs/deploy.md). Below 8 bits
     the u8 x s8 kernel stays: exact there too, and the faster one.
     """
-    return torch.int8 if 2 * 255 * 2 ** (bits - 1) <= INT16_MAX else torch.uint8
+    return torch.int8 if int8_weights or 2 * 255 * 2 ** (bits - 1) <= INT16_MAX else torch.uint8
 
 
-def _weight_codes(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weight_codes(layer: QuantWeightLayer, int8_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's weight codes and zero points in their container (``weight_container``), and its scales."""
     try:
         codes = weight_codes(layer).to(torch.int16)
@@ -162,7 +162,7 @@ def _weight_codes(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, 
         raise ModelError(f"cannot export the weight: {err}") from None
     scale, zero_point = weight_grid(layer)
     bits = layer.weight_quantizer.bits
-    container = weight_container(bits)
+    container = weight_container(bits, int8_weights)
     offset = 2 ** (bits - 1) if container == torch.int8 else 0
     return (
         (codes - offset).to(container),
@@ -172,13 +172,13 @@ def _weight_codes(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 class _DeployWeightLayer(nn.Module):
-    def __init__(self, layer: QuantWeightLayer, transpose: bool) -> None:
+    def __init__(self, layer: QuantWeightLayer, transpose: bool, int8_weights: bool) -> None:
         super().__init__()
         self.input_quantizer = deploy_quantizer(layer.input_quantizer)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.quantized = bool(layer.weight_quantizer.enabled)
         if self.quantized:
-            codes, scale, zero_point = _weight_codes(layer)
+            codes, scale, zero_point = _weight_codes(layer, int8_weights)
             self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero_point", zero_point)
@@ -196,8 +196,8 @@ class _DeployWeightLayer(nn.Module):
 class DeployLinear(_DeployWeightLayer):
     """``x @ DequantizeLinear(codes [in, out]) + bias``: the MatMul onnxruntime turns into an integer kernel."""
 
-    def __init__(self, layer: QuantLinear) -> None:
-        super().__init__(layer, transpose=True)
+    def __init__(self, layer: QuantLinear, int8_weights: bool = False) -> None:
+        super().__init__(layer, transpose=True, int8_weights=int8_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.input_quantizer(x) @ self.real_weight()
@@ -207,8 +207,8 @@ class DeployLinear(_DeployWeightLayer):
 class DeployConv2d(_DeployWeightLayer):
     """The patch embedding: a Conv over the quantized image with dequantized integer weights."""
 
-    def __init__(self, layer: QuantConv2d) -> None:
-        super().__init__(layer, transpose=False)
+    def __init__(self, layer: QuantConv2d, int8_weights: bool = False) -> None:
+        super().__init__(layer, transpose=False, int8_weights=int8_weights)
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
@@ -229,8 +229,9 @@ def deploy_quantizer(quantizer: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def deploy_model(model: nn.Module) -> nn.Module:
-    """A CPU copy of the quantized ``model`` in which every quantized piece is an exportable operator.
+def deploy_model(model: nn.Module, int8_weights: bool = False) -> nn.Module:
+    """A CPU copy of the quantized ``model`` in which every quantized piece is an exportable operator (weights in
+    the containers of ``weight_container``).
 
     Raises ModelError naming the first piece that has no ONNX form (an unknown quantized layer or quantizer, an
     AdaRound that was never hardened): nothing falls back to float silently.
@@ -239,9 +240,9 @@ def deploy_model(model: nn.Module) -> nn.Module:
     for name, module in list(deploy.named_modules()):
         try:
             if type(module) is QuantLinear:
-                replace_module(deploy, name, DeployLinear(module))
+                replace_module(deploy, name, DeployLinear(module, int8_weights))
             elif type(module) is QuantConv2d:
-                replace_module(deploy, name, DeployConv2d(module))
+                replace_module(deploy, name, DeployConv2d(module, int8_weights))
             elif type(module) is QuantMatMul:
                 module.quantizer_a = deploy_quantizer(module.quantizer_a)
                 module.quantizer_b = deploy_quantizer(module.quantizer_b)
@@ -322,13 +323,16 @@ def quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) -> dict[str, Any]:
+def export_onnx(
+    model: nn.Module, run_dir: str | Path, example: torch.Tensor, int8_weights: bool = False
+) -> dict[str, Any]:
     """Writes ``model.onnx`` of the quantized ``model`` into ``run_dir`` (dynamic batch size).
 
     Args:
         model: the final quantized model (calibrated, reconstructed, AdaRound hardened); it is not modified.
         run_dir: the run directory.
         example: one preprocessed input image batch, ``[N, C, H, W]`` (its size fixes H and W).
+        int8_weights: 8-bit weights in int8 too (``export=onnx_vnni``; see ``weight_container``).
 
     Returns:
         The manifest's ``onnx`` entry: file, opset, containers, node counts.
@@ -339,7 +343,7 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
     require_deploy()
     import onnx
 
-    deploy = deploy_model(model)
+    deploy = deploy_model(model, int8_weights)
     example = example[:2].detach().float().cpu()
     try:
         with quiet_exporter():
@@ -377,10 +381,13 @@ def export_onnx(model: nn.Module, run_dir: str | Path, example: torch.Tensor) ->
         "containers": {
             "activations": "uint8 codes on the b-bit grid (Clip to the grid's range before QuantizeLinear when b < 8)",
             "weights": (
-                "int8 codes c - 2**(b-1) below 8 bits, uint8 codes c at 8 bits (no int16 pair sum overflows on "
-                "x86 without VNNI), per-output-channel DequantizeLinear; exactly the b-bit grid"
+                "int8 codes c - 2**(b-1), per-output-channel DequantizeLinear; exactly the b-bit grid"
+                if int8_weights
+                else "int8 codes c - 2**(b-1) below 8 bits, uint8 codes c at 8 bits (no int16 pair sum overflows "
+                "on x86 without VNNI), per-output-channel DequantizeLinear; exactly the b-bit grid"
             ),
         },
+        "session_config": session_config(path),  # what a session needs to compute the simulation's function
         "softmax": (
             f"log-sqrt(2) as an explicit float elementwise subgraph ({log_sqrt2} quantizers); attn @ v in float"
             if log_sqrt2
@@ -441,7 +448,8 @@ def cpu_int8_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
 
 def int16_overflowing_weights(path: str | Path) -> list[str]:
     """The int8 weight initializers of an ONNX file whose codes can overflow an int16 pair sum of u8 x s8 products
-    (``|c| > 64``): exports made before 8-bit weights moved to uint8 containers have them."""
+    (``|c| > 64``): 8-bit weights of ``export=onnx_vnni``, and of exports made before 8-bit weights moved to
+    uint8 containers."""
     import onnx
     import onnx.numpy_helper
 
@@ -457,10 +465,21 @@ def int16_overflowing_weights(path: str | Path) -> list[str]:
     ]
 
 
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
+def session_config(path: str | Path) -> dict[str, str]:
+    """The onnxruntime session config entries ``path`` needs to compute the simulation's function on every x86 CPU:
+    where int8 weights can overflow the int16 pair sums of CPUs without VNNI, ``session.x64quantprecision=1``
+    (onnxruntime then moves them into uint8 at load time on such CPUs; on others the entry does nothing)."""
+    return {X64_QUANT_PRECISION: "1"} if int16_overflowing_weights(path) else {}
+
+
 def session(
     path: str | Path, device: torch.device | str = "cpu", threads: int | None = None, optimized: Path | None = None
 ) -> Any:
-    """An onnxruntime session of ``path`` (CUDA provider on a CUDA device when onnxruntime has it)."""
+    """An onnxruntime session of ``path`` (CUDA provider on a CUDA device when onnxruntime has it), with the
+    ``session_config`` the file needs."""
     require_deploy()
     import onnxruntime as ort
 
@@ -470,6 +489,8 @@ def session(
     options.log_severity_level = 3  # errors only (saving an optimised graph warns that it is hardware-specific)
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
+    for key, value in session_config(path).items():
+        options.add_session_config_entry(key, value)
     providers = ["CPUExecutionProvider"]
     if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -520,13 +541,11 @@ def onnxruntime_models(
         models["fp"] = create_model(source).to(device).eval()
     models["simulation"] = model
     models["onnxruntime"] = runtime = OnnxRuntimeModel(path, device)
-    cpu = cpu_int8_kernels()
-    if cpu["u8s8_pairs_in_int16"] and int16_overflowing_weights(path):
-        log.warning(
-            "%s holds 8-bit weights in int8, whose products can overflow the int16 sums of onnxruntime's %s "
-            "kernels: its logits may differ from the simulation's. Fix: re-export it with this version (uint8)",
-            path,
-            cpu["isa"],
-        )
-    record = {"file": str(path), "providers": runtime.providers, "kernels": integer_kernels(path), "cpu": cpu}
+    record = {
+        "file": str(path),
+        "providers": runtime.providers,
+        "kernels": integer_kernels(path),
+        "cpu": cpu_int8_kernels(),
+        "session_config": session_config(path),
+    }
     return models, record
