@@ -15,11 +15,13 @@ from onnx import numpy_helper
 from mgrq_runner.deploy import onnx_export
 from mgrq_runner.deploy.onnx_export import (
     OnnxRuntimeModel,
+    config_without_vnni,
     cpu_int8_kernels,
     deploy_model,
     export_onnx,
     int16_overflowing_weights,
     integer_kernels,
+    session_config,
 )
 from mgrq_runner.deploy.safetensors_export import manifest_digest
 from mgrq_runner.errors import ConfigError, ModelError
@@ -153,10 +155,12 @@ def test_the_emulated_cpu_sums_u8_s8_pairs_in_int16(tmp_path) -> None:
 @needs_qemu
 def test_onnxruntime_logits_match_the_simulation_on_avx2_without_vnni(exported, tmp_path) -> None:
     """The same parity on an emulated AVX2 CPU without VNNI, whose u8 x s8 kernel sums products in int16, in a
-    session with the file's ``session_config`` (none but for export=onnx_vnni, which needs it: shown too)."""
+    session with the file's ``session_config_without_vnni`` (none but for export=onnx_vnni, which needs it: shown
+    too)."""
     expected = _logits(exported["model"], exported["images"])
     path, images = exported["dir"] / "model.onnx", exported["images"].numpy()
-    got = emulated_cpu.run_on_avx2(path, images, tmp_path / "configured", exported["info"]["session_config"])
+    config = exported["info"]["session_config_without_vnni"]  # the emulated CPU has none
+    got = emulated_cpu.run_on_avx2(path, images, tmp_path / "configured", config)
     _assert_same_function(torch.from_numpy(got), expected)
     if exported["int8"]:  # a plain session does not compute the simulation's function with int8 8-bit weights
         plain = torch.from_numpy(emulated_cpu.run_on_avx2(path, images, tmp_path / "plain"))
@@ -204,12 +208,17 @@ def test_codes_are_the_b_bit_grid_in_8_bit_containers(exported) -> None:
     assert not any(node.metadata_props for node in graph.node)  # no stack traces or source paths
 
 
-def test_int8_weights_of_earlier_8_bit_exports_are_found(exported, tmp_path) -> None:
+def test_int8_weights_of_earlier_8_bit_exports_are_found(exported, tmp_path, monkeypatch) -> None:
     """An export in this version's containers has no weight that overflows int16 pair sums; the same W8 export with
     its uint8 codes moved into int8 (as exports were before) has one per quantized layer."""
     path = exported["dir"] / "model.onnx"
     assert bool(int16_overflowing_weights(path)) == exported["int8"]  # export=onnx_vnni keeps them, by choice
-    assert exported["info"]["session_config"] == ({"session.x64quantprecision": "1"} if exported["int8"] else {})
+    needs = {"session.x64quantprecision": "1"} if exported["int8"] else {}
+    assert exported["info"]["session_config_without_vnni"] == config_without_vnni(path) == needs
+    for isa, pairs_in_int16, applied in (("AVX2 without VNNI", True, needs), ("AVX-512 VNNI", False, {})):
+        cpu = {"isa": isa, "u8s8_pairs_in_int16": pairs_in_int16}
+        monkeypatch.setattr(onnx_export, "cpu_int8_kernels", lambda cpu=cpu: cpu)
+        assert session_config(path) == applied  # with VNNI the entry would cost the int8 speed: not set
     if exported["bits"][0] != 8 or exported["int8"]:
         return
     moved = emulated_cpu.int8_weight_copy(path, tmp_path / "int8.onnx")

@@ -142,8 +142,8 @@ INT16_MAX = 2**15 - 1
 def weight_container(bits: int, int8_weights: bool = False) -> torch.dtype:
     """The ONNX container of ``bits``-bit weight codes: int8 (codes centred by ``2**(b-1)``) where no pair of
     uint8 activation x int8 weight products can leave int16, else uint8; ``int8_weights`` (``export=onnx_vnni``):
-    int8 at every width, for the u8 x s8 kernel's speed on VNNI CPUs (``session_config`` says what a session on
-    a CPU without VNNI then needs).
+    int8 at every width, for the u8 x s8 kernel's speed on VNNI CPUs (``config_without_vnni`` says what a
+    session on a CPU without VNNI then needs).
 
     Centred b-bit codes lie in ``-2**(b-1) .. 2**(b-1) - 1``, so a pair sums to at most ``2 * 255 * 2**(b-1)``:
     within int16 up to 7 bits, 65 280 at 8 bits, which the AVX2 kernel clips (the proxies' logits moved by up to
@@ -387,7 +387,8 @@ def export_onnx(
                 "on x86 without VNNI), per-output-channel DequantizeLinear; exactly the b-bit grid"
             ),
         },
-        "session_config": session_config(path),  # what a session needs to compute the simulation's function
+        # what a session on an x86 CPU without VNNI needs to compute the simulation's function
+        "session_config_without_vnni": config_without_vnni(path),
         "softmax": (
             f"log-sqrt(2) as an explicit float elementwise subgraph ({log_sqrt2} quantizers); attn @ v in float"
             if log_sqrt2
@@ -468,18 +469,28 @@ def int16_overflowing_weights(path: str | Path) -> list[str]:
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
-def session_config(path: str | Path) -> dict[str, str]:
-    """The onnxruntime session config entries ``path`` needs to compute the simulation's function on every x86 CPU:
-    where int8 weights can overflow the int16 pair sums of CPUs without VNNI, ``session.x64quantprecision=1``
-    (onnxruntime then moves them into uint8 at load time on such CPUs; on others the entry does nothing)."""
+def config_without_vnni(path: str | Path) -> dict[str, str]:
+    """The onnxruntime session config entries ``path`` needs on an x86 CPU without VNNI to compute the simulation's
+    function: where int8 weights can overflow the int16 pair sums there, ``session.x64quantprecision=1``, with
+    which onnxruntime moves them into uint8 (its exact u8 x u8 kernel) at load time."""
     return {X64_QUANT_PRECISION: "1"} if int16_overflowing_weights(path) else {}
 
 
+def session_config(path: str | Path) -> dict[str, str]:
+    """The entries of ``config_without_vnni`` where this CPU needs them, else none: with onnxruntime 1.32 the entry
+    also moves the weights into uint8 on an AVX-512 VNNI CPU, giving up the speed they were kept in int8 for."""
+    return {} if cpu_int8_kernels()["u8s8_pairs_in_int16"] is False else config_without_vnni(path)
+
+
 def session(
-    path: str | Path, device: torch.device | str = "cpu", threads: int | None = None, optimized: Path | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    optimized: Path | None = None,
+    config: dict[str, str] | None = None,
 ) -> Any:
-    """An onnxruntime session of ``path`` (CUDA provider on a CUDA device when onnxruntime has it), with the
-    ``session_config`` the file needs."""
+    """An onnxruntime session of ``path`` (CUDA provider on a CUDA device when onnxruntime has it), with the config
+    entries ``config`` (None: the ``session_config`` the file needs on this CPU)."""
     require_deploy()
     import onnxruntime as ort
 
@@ -489,7 +500,7 @@ def session(
     options.log_severity_level = 3  # errors only (saving an optimised graph warns that it is hardware-specific)
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
-    for key, value in session_config(path).items():
+    for key, value in (session_config(path) if config is None else config).items():
         options.add_session_config_entry(key, value)
     providers = ["CPUExecutionProvider"]
     if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -497,7 +508,9 @@ def session(
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def integer_kernels(path: str | Path, threads: int | None = None) -> dict[str, int]:
+def integer_kernels(
+    path: str | Path, threads: int | None = None, config: dict[str, str] | None = None
+) -> dict[str, int]:
     """Node counts of onnxruntime's optimised graph of ``path`` (CPU): integer kernels, leftover Q/DQ, float MatMuls."""
     import tempfile
 
@@ -505,7 +518,7 @@ def integer_kernels(path: str | Path, threads: int | None = None) -> dict[str, i
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        session(path, "cpu", threads, optimized)
+        session(path, "cpu", threads, optimized, config)
         counts = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
     shown = (*INTEGER_KERNELS, "QuantizeLinear", "DequantizeLinear", "MatMul", "FusedMatMul", "Gemm", "Conv")
     return {op_type: counts[op_type] for op_type in shown if counts[op_type]}
