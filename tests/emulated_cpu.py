@@ -51,28 +51,6 @@ def avx2_u8s8_products(activations: np.ndarray, weights: np.ndarray) -> np.ndarr
     return np.clip(pairs, -(2**15), 2**15 - 1).sum(axis=1)
 
 
-def int8_weight_copy(source: Path, target: Path) -> int:
-    """Writes ``source`` (an 8-bit-weight export) to ``target`` with its uint8 weight codes and zero points moved
-    into int8 (``c - 128``), as 8-bit weights were exported before: the same real weights, the u8 x s8 kernels.
-    Returns the number of weights moved."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(source))
-    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    moved = 0
-    for node in model.graph.node:
-        codes = initializers.get(node.input[0])
-        if node.op_type != "DequantizeLinear" or codes is None or codes.data_type != onnx.TensorProto.UINT8:
-            continue
-        for tensor in (codes, initializers[node.input[2]]):
-            shifted = numpy_helper.to_array(tensor).astype(np.int16) - 128
-            tensor.CopyFrom(numpy_helper.from_array(shifted.astype(np.int8), tensor.name))
-        moved += 1
-    onnx.save(model, str(target))
-    return moved
-
-
 def main(model: str, inputs: str, out: str, *entries: str) -> None:
     import onnxruntime as ort
 
