@@ -73,6 +73,8 @@ def test_no_import_circle() -> None:
         ("mgrq_runner.analysis", "mgrq_runner.recon"),
         ("mgrq_runner.transforms", "mgrq_runner.deploy"),
         ("mgrq_runner.quant", "mgrq_runner.deploy"),
+        ("mgrq_runner.settings", "mgrq_runner.models"),  # the typed boundary knows no model building
+        ("mgrq_runner.settings", "mgrq_runner.data"),  # nor data loading
     ],
 )
 def test_layers_keep_their_distance(importer: str, forbidden: str) -> None:
@@ -84,3 +86,10 @@ def test_layers_keep_their_distance(importer: str, forbidden: str) -> None:
         if target == forbidden or target.startswith(f"{forbidden}.")
     )
     assert reaches == []
+
+
+def test_the_proxy_names_settings_knows_are_the_proxies_models_builds() -> None:
+    from mgrq_runner.models import PROXIES
+    from mgrq_runner.presets import PROXY_NAMES
+
+    assert tuple(PROXIES) == PROXY_NAMES

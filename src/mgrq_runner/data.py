@@ -369,17 +369,6 @@ def seeded_subset(dataset: Dataset, num: int, seed: int, what: str) -> tuple[Sub
     return Subset(dataset, indices), indices
 
 
-def read_calibration_list(path: str | Path) -> list[str]:
-    """The entries of a ``calib.list`` file: one image per line (blank lines skipped)."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise DataError(f"calib.list {path} does not exist. Fix: point calib.list at a file with one image per line.")
-    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not entries:
-        raise DataError(f"calib.list {path} lists no images. Fix: one image per line (a path, or train[i]).")
-    return entries
-
-
 def listed_subset(train: Dataset, keys: list[str], entries: Sequence[str], key_of: Any) -> tuple[Subset, list[int]]:
     """The train images ``entries`` name, in the list's order: ``key_of(entry)`` must equal one of ``keys`` (one
     per train image)."""
@@ -434,7 +423,7 @@ def build_data(
     """Builds the calibration and evaluation sets named by ``data`` for ``model``.
 
     Calibration: ``num_calib`` train images drawn with ``seed``, or exactly the images of ``calib_list``
-    (``read_calibration_list``), in its order. ``data.eval_split``: ``val`` evaluates on the data set's evaluation
+    (``files.read_calibration_list``), in its order. ``data.eval_split``: ``val`` evaluates on the data set's evaluation
     split (ImageNet val, Fashion-MNIST test, a folder's val/); ``heldout`` on ``data.heldout_size`` train images
     outside the calibration set (for tuning loss weights).
     """

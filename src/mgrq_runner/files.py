@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mgrq_runner.errors import DiskFullError
+from mgrq_runner.errors import DataError, DiskFullError
 
 if TYPE_CHECKING:
     import torch
@@ -65,3 +65,14 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_calibration_list(path: str | Path) -> list[str]:
+    """The entries of a ``calib.list`` file: one image per line (blank lines skipped)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise DataError(f"calib.list {path} does not exist. Fix: point calib.list at a file with one image per line.")
+    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise DataError(f"calib.list {path} lists no images. Fix: one image per line (a path, or train[i]).")
+    return entries

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # absolute: the installed console script finds it
+PROXY_NAMES = ("proxy_vit", "proxy_swin")  # the shipped proxies (models.PROXIES builds them; a test keeps both equal)
 # The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1),
 # glfq (softmax=log_sqrt2). The framework switches are shown under their short names.
 SWITCH_KEYS = {

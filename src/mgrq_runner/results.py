@@ -99,7 +99,7 @@ class Results(TypedDict, total=False):
     fp_transformed_agreement: float  # its top-1 agreement with the original FP model
     agreement_with_simulation: float  # eval.runtime=onnxruntime: top-1 equal to the simulated model's, share
     onnx: dict[str, Any]  # eval.runtime=onnxruntime: the file, providers, kernel counts of the optimised graph,
-    # the CPU's integer-kernel instruction set (cpu: isa, u8s8_pairs_in_int16)
+    # the CPU's integer-kernel instruction set (cpu: isa, u8s8_pairs_in_int16) and the session config applied
     num_calib: int
     num_eval: int
     throughput: dict[str, float]  # images per second, per evaluated model
@@ -352,14 +352,14 @@ def failure_recorded(results_file: ResultsFile) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, Interrupted) as err:
         reason = f"signal {err.signum}" if isinstance(err, Interrupted) else "KeyboardInterrupt"
-        record_ending(results_file, status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
+        _record_ending(results_file, status="interrupted", error=f"interrupted ({reason}); resume with resume=true")
         raise
     except BaseException as err:
-        record_ending(results_file, status="failed", error=f"{type(err).__name__}: {error_message(err)}")
+        _record_ending(results_file, status="failed", error=f"{type(err).__name__}: {error_message(err)}")
         raise
 
 
-def record_ending(results_file: ResultsFile, **fields: Any) -> None:
+def _record_ending(results_file: ResultsFile, **fields: Any) -> None:
     """Records how the run ended, if the disk still lets it: the error that ended it is the one reported."""
     try:
         results_file.update(**fields)

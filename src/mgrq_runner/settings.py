@@ -25,10 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mgrq_runner.data import read_calibration_list
 from mgrq_runner.devices import CPU_CORES
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.models import PROXIES
+from mgrq_runner.files import read_calibration_list
+from mgrq_runner.presets import PROXY_NAMES
 from mgrq_runner.quant.api import QuantConfig
 from mgrq_runner.quant.calibrate import InitConfig
 from mgrq_runner.recon.config import LossConfig, ReconConfig
@@ -509,7 +509,7 @@ def _calib_settings(config: dict[str, Any], num_images: int | None, batch_size: 
 
 def _check_model_preset(model: ModelSettings, data: DataSettings) -> None:
     """Refuses a timm name put into a proxy preset: the proxy presets bring Fashion-MNIST, not ImageNet."""
-    if model.preset in PROXIES and model.name not in PROXIES:
+    if model.preset in PROXY_NAMES and model.name not in PROXY_NAMES:
         raise ConfigError(
             f"model.name={model.name} replaces the {model.preset} proxy but keeps its data set ({data.name}). "
             f"Fix: mgrq-run model=timm model.name={model.name} (ImageNet data, data.root= or IMAGENET_ROOT)."
