@@ -114,7 +114,8 @@ def test_help_and_version_introduce_the_app(tmp_path: Path) -> None:
     helped = subprocess.run([sys.executable, "-m", "mgrq_runner.cli", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and helped.stdout.startswith("mgrq-run: post-training quantization")
     assert "Usage: mgrq-run [--multirun]" in helped.stdout and "mgrq-run mode=eval checkpoint=" in helped.stdout
-    assert "method: brecq, fp, glfq, glfq_adaround" in helped.stdout and ", mgrq, mgrq_brecq," in helped.stdout
+    assert "method: aphq, brecq, fimaq, fp, glfq, glfq_adaround" in helped.stdout
+    assert ", mgrq, mgrq_brecq," in helped.stdout
     assert "powered by Hydra" not in helped.stdout
     versioned = subprocess.run([sys.executable, "-m", "mgrq_runner.cli", "--version"], capture_output=True, text=True)
     from importlib.metadata import version

@@ -120,6 +120,27 @@ def test_every_framework_preset_composes(compose_cfg, model: str, method: str) -
         assert recon.iters == (1000 if proxy else 20_000)
 
 
+# The leaders' losses on QDrop's base: (block distance, ReLU MLPs, (λG, global distance, temperature), fusion)
+LEADERS = {
+    "fimaq": ("dplr_fim", False, (0.0, "kl", 4.0), "block_mean"),
+    "aphq": ("aph", True, (0.0, "kl", 4.0), "block_mean"),
+    "pdquant": ("mse", False, (0.625, "kl", 4.0), "raw"),
+}
+
+
+@pytest.mark.parametrize(("model", "method"), list(itertools.product([f"model={m}" for m in MODELS], LEADERS)))
+def test_every_leader_preset_composes_on_qdrops_base(compose_cfg, model: str, method: str) -> None:
+    parsed, qdrop = (method_of(compose_cfg(model, "quant=w3a3", f"method={m}")) for m in (method, "qdrop"))
+    distance, mlp_relu, global_term, fusion = LEADERS[method]
+    losses, recon = parsed.losses, parsed.recon
+    assert parsed.name == method and losses is not None and recon == qdrop.recon  # AdaRound, QDrop 0.5, budget
+    assert parsed.quant == qdrop.quant and parsed.init is not None and qdrop.init is not None
+    assert (parsed.init.reparam, parsed.init.rotation) == (qdrop.init.reparam, qdrop.init.rotation)
+    assert (losses.block_distance, parsed.mlp_relu is not None, losses.fusion) == (distance, mlp_relu, fusion)
+    assert (losses.global_weight, losses.global_distance, losses.temperature) == global_term
+    assert (losses.local_weight, losses.statistic_temperature, losses.fisher_rank) == (0.0, 20.0, 5)
+
+
 def test_rotation_with_the_repq_reparameterisation_is_refused(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="method.init.reparam=false"):
         method_of(compose_cfg("method=glfq", "method.init.reparam=true"))

@@ -114,7 +114,7 @@ def test_export_survives_a_failed_evaluation(tmp_path, monkeypatch) -> None:
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(run_module, "evaluate", broken)
+    monkeypatch.setattr(run_module, "evaluate_models", broken)
     cfg = compose_config(tmp_path / "run", *SMOKE, "method=minmax")
     with pytest.raises(RuntimeError, match="evaluation broke"):
         run(cfg)

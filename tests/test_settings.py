@@ -67,6 +67,19 @@ def test_the_collector_imports_neither_torch_nor_timm() -> None:
     assert not {"torch", "timm", "mgrq_runner.recon.engine"} & modules
 
 
+def test_the_settings_layer_imports_neither_torch_nor_timm() -> None:
+    # The method's config objects are built (and checked) lazily only when parse_settings runs; importing the
+    # typed boundary, and the config classes it builds, loads no tensor library.
+    code = (
+        "import sys, mgrq_runner.settings, mgrq_runner.quant.config, mgrq_runner.recon.config, "
+        "mgrq_runner.transforms.config; print(sorted(sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    modules = set(ast.literal_eval(loaded))
+    assert {"mgrq_runner.settings", "mgrq_runner.recon.config", "hydra", "omegaconf"} <= modules
+    assert not {"torch", "timm"} & modules
+
+
 def _record(
     tmp_path: Path, name: str, quant_prob: float, method_defaults: dict | None, method: str = "mgrq", **method_cfg: dict
 ) -> Path:

@@ -22,8 +22,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from mgrq_runner.errors import DataError
+from mgrq_runner.errors import ConfigError, DataError
 from mgrq_runner.files import file_sha256
+from mgrq_runner.rundir import CLASS_LIST
 
 if TYPE_CHECKING:
     from mgrq_runner.settings import DataSettings
@@ -492,4 +493,36 @@ def create_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLo
         num_workers=min(workers, os.cpu_count() or 1),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+    )
+
+
+def check_classes(model: torch.nn.Module, name: str, bundle: DataBundle, data: DataSettings) -> None:
+    """The model ``name`` predicts the data set's classes (a folder data set: as many as it has)."""
+    if model.num_classes != bundle.num_classes and data.name == "folder":
+        raise ConfigError(
+            f"model {name} predicts {model.num_classes} classes but the folder data set {data.root} "
+            f"has {bundle.num_classes}. Fix: model.num_classes={bundle.num_classes} with model.checkpoint=<the "
+            f"checkpoint fine-tuned on these classes>, or check data.root (classes: {CLASS_LIST} in the run dir)."
+        )
+    if model.num_classes != bundle.num_classes:
+        raise ConfigError(
+            f"model {name} predicts {model.num_classes} classes but data {data.name} has "
+            f"{bundle.num_classes}. Fix: pick the model with a preset of its data set (model=deit_s, "
+            f"model=timm model.name=<timm arch.tag> for ImageNet; model=proxy_vit for Fashion-MNIST), "
+            f"or override data=."
+        )
+
+
+def check_export_classes(manifest: dict[str, Any], bundle: DataBundle, checkpoint: Path) -> None:
+    """The evaluation data's classes, in label order, are the ones the export was calibrated with (a folder data
+    set numbers its classes by its own folders or classes.txt: another order scores at chance)."""
+    exported, mine = (manifest.get("data_identity") or {}).get("classes"), bundle.class_names
+    if exported is None or mine is None or exported == mine:  # a built-in data set's labels carry no names
+        return
+    first = next(i for i in range(max(len(exported), len(mine))) if exported[i : i + 1] != mine[i : i + 1])
+    there, here = (names[first] if first < len(names) else "none" for names in (exported, mine))
+    raise ConfigError(
+        f"the data's classes are not those {checkpoint} was exported with (label {first}: {there} there, {here} "
+        f"here). Fix: data.root=<the tree it was made on>, or put the export's {CLASS_LIST} (in {checkpoint}) at "
+        "the data root."
     )

@@ -25,9 +25,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from mgrq_runner.console import track
 from mgrq_runner.data import create_loader
 from mgrq_runner.errors import ConfigError, MgrqError
 from mgrq_runner.evaluate import EvalResult, evaluate
+from mgrq_runner.settings import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +249,17 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def evaluate_models(
+    models: dict[str, nn.Module], dataset: Dataset, settings: JobSettings, device: torch.device
+) -> dict[str, EvalResult]:
+    """Scores ``models`` on ``dataset`` as a job's settings say: in this process, or on ``eval.world_size``
+    spawned ranks (the same scores); ``eval.backend=auto`` is nccl on a GPU, else gloo."""
+    batch_size, workers, world_size = settings.data.batch_size, settings.data.workers, settings.eval.world_size
+    if world_size > 1:
+        backend = settings.eval.backend
+        backend = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+        return evaluate_distributed(models, dataset, batch_size, world_size, backend, next(iter(models)), workers)
+    loader = create_loader(dataset, batch_size, workers)
+    return evaluate(models, track(loader, len(loader), "evaluate", settings.progress), device)

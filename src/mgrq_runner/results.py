@@ -16,7 +16,7 @@ import logging
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from mgrq_runner.evaluate import EvalResult
-    from mgrq_runner.settings import RunSettings
+    from mgrq_runner.settings import EvalSettings, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ class ResultsFile:
         self.data: Results = {**fields, "status": "running", "times": {}}
         self.write()
 
+    def resumable(self, state_dir: Path) -> Callable[[list[str]], None]:
+        """A reconstruction's ``on_save``: results.json says which units a resumed run would keep (``resumable``)
+        until the run is scored."""
+        return lambda names: self.update(resumable={"finished_units": names, "state_dir": str(state_dir)})
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)  # type: ignore[typeddict-item]
         self.write()
@@ -215,7 +220,6 @@ def common_fields(dataset: str, eval_split: str, seed: int, run_dir: Path) -> Re
 
 def run_fields(settings: RunSettings) -> Results:
     """The first fields of a ``mode=run`` job's results.json: what runs, where, with what."""
-    assert settings.method is not None
     quant = settings.method.quant
     return {
         "model": settings.model.name,
@@ -229,7 +233,7 @@ def run_fields(settings: RunSettings) -> Results:
     }
 
 
-def eval_fields(settings: RunSettings, manifest: Mapping[str, Any]) -> Results:
+def eval_fields(settings: EvalSettings, manifest: Mapping[str, Any]) -> Results:
     """The first fields of a ``mode=eval`` job's results.json: the export it scores, from its manifest."""
     return {
         "mode": "eval",
@@ -261,19 +265,31 @@ def model_fields(model: torch.nn.Module, preprocessing: Mapping[str, Any], devic
 def score_fields(scores: Mapping[str, EvalResult]) -> Results:
     """The final fields: the last model's scores are the run's, the FP model's beside them when it was scored."""
     quant, fp = list(scores.values())[-1], scores.get("fp")
-    return {
-        "status": "done",
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "top1": round(quant.top1, 3),
-        "top5": round(quant.top5, 3),
-        "top1_err": round(100 - quant.top1, 3),
-        "top5_err": round(100 - quant.top5, 3),
-        "fp_top1": round(fp.top1, 3) if fp is not None else None,
-        "fp_top5": round(fp.top5, 3) if fp is not None else None,
-        "num_eval": quant.num_images,
-        "throughput": {name: round(score.images_per_second, 1) for name, score in scores.items()},
-        "fp_agreement": round(quant.agreement, 5) if fp is not None else None,  # no FP model in an export
-    } | transformed_fields(scores)
+    return (
+        {
+            "status": "done",
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "top1": round(quant.top1, 3),
+            "top5": round(quant.top5, 3),
+            "top1_err": round(100 - quant.top1, 3),
+            "top5_err": round(100 - quant.top5, 3),
+            "fp_top1": round(fp.top1, 3) if fp is not None else None,
+            "fp_top5": round(fp.top5, 3) if fp is not None else None,
+            "num_eval": quant.num_images,
+            "throughput": {name: round(score.images_per_second, 1) for name, score in scores.items()},
+            "fp_agreement": round(quant.agreement, 5) if fp is not None else None,  # no FP model in an export
+        }
+        | transformed_fields(scores)
+        | runtime_fields(scores)
+    )
+
+
+def runtime_fields(scores: Mapping[str, EvalResult]) -> Results:
+    """``eval.runtime=onnxruntime``: the share of images on which ``model.onnx`` predicts what the simulation does."""
+    if "onnxruntime" not in scores:
+        return {}
+    same = scores["onnxruntime"].predictions == scores["simulation"].predictions
+    return {"agreement_with_simulation": round(float(same.float().mean()), 5)}
 
 
 def transformed_fields(scores: Mapping[str, EvalResult]) -> Results:
@@ -292,7 +308,7 @@ def transformed_fields(scores: Mapping[str, EvalResult]) -> Results:
 def export_info(settings: RunSettings) -> dict[str, Any]:
     """The run's description in an export manifest."""
     method, calib = settings.method, settings.calib
-    assert method is not None and method.quant is not None and method.init is not None and calib is not None
+    assert method.quant is not None and method.init is not None
     return {
         "model": dict(settings.model.record),
         "arch": settings.model.name.split(".")[0],

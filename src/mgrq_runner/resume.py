@@ -44,6 +44,17 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Raises ConfigError naming every key whose value differs between two config fingerprints."""
+    keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if keys:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+        raise ConfigError(
+            f"resume: {where} was made with a different config ({diffs}). Fix: resume with the original values, "
+            "or start a new run (resume=false and a new output dir)."
+        )
+
+
 def evaluation_question(config: dict[str, Any]) -> dict[str, Any]:
     """What a run's final scores answer besides its model: the split, its size and the export asked for."""
     data = config["data"]
@@ -86,6 +97,19 @@ def resume_target(resume: Any, output_dir: str) -> tuple[Path, bool]:
             "resume=true to resume in the current output dir."
         )
     return path, True
+
+
+def finished_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """A resumed run's results when that run is done and answers the same question (returned without recomputing);
+    None when there is nothing to return. Refused when the run dir was made with another config."""
+    previous = previous_results(run_dir)
+    if previous is None:
+        return None
+    check_same_config(fingerprint(previous["config"]), fingerprint(config), results_path(run_dir))
+    if previous.get("status") != "done":
+        return None
+    check_same_question(previous["config"], config, run_dir)
+    return previous
 
 
 def previous_results(run_dir: Path) -> dict[str, Any] | None:

@@ -1,39 +1,38 @@
 """The settings boundary: the composed Hydra config parsed and checked once, into frozen dataclasses.
 
 ``parse_settings(cfg)`` is the only reader of the composed ``DictConfig``: it resolves it once into a plain dict
-(the record results.json keeps), checks every value, and returns a ``RunSettings`` that every stage takes instead
-of the config. Each problem is a ``ConfigError`` naming the key, the value and the fix. The method's own objects
-(``QuantConfig``, ``InitConfig``, ``ReconConfig``, ``LossConfig``) check their fields themselves; this module
-builds them and checks what belongs to the run, the model, the data, calibration and evaluation.
+(the record results.json keeps), checks every value, and returns the job's settings, a ``RunSettings``
+(``mode=run``) or an ``EvalSettings`` (``mode=eval``), that every stage takes instead of the config. Each
+problem is a ``ConfigError`` naming the key, the value and the fix. The method's own objects (``QuantConfig``,
+``InitConfig``, ``ReconConfig``, ``LossConfig``, ``MlpReluConfig``) check their fields themselves; this module
+builds them and checks what belongs to the run, the model, the data, calibration and evaluation. It loads neither
+torch nor timm: the collector and the CLI's checks stay light.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mgrq_runner.devices import CPU_CORES
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import read_calibration_list
 from mgrq_runner.presets import PROXY_NAMES
-from mgrq_runner.quant.api import QuantConfig
-from mgrq_runner.quant.calibrate import InitConfig
+from mgrq_runner.quant.config import InitConfig, QuantConfig
 from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.resume import list_sha256, resume_target
 from mgrq_runner.rundir import MLFLOW_STORE
+from mgrq_runner.transforms.config import MlpReluConfig
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|claim|cuda(:\d+)?)$")
 EVAL_BACKENDS = ("auto", "gloo", "nccl")
@@ -159,7 +158,9 @@ class CalibSettings:
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalOptions:
+    """The ``eval`` node: how the models are scored."""
+
     world_size: int  # > 1: evaluation on that many spawned torch.distributed processes
     backend: str  # auto | gloo | nccl
     runtime: str  # torch | onnxruntime (mode=eval of an export=onnx run)
@@ -224,35 +225,6 @@ class LoggerSettings:
 
 
 @dataclass(frozen=True)
-class MlpReluConfig:
-    """How each MLP's fc1/fc2 are re-trained after the GELU -> ReLU swap (``transforms.mlp_relu``)."""
-
-    iters: int = 500  # Adam steps per MLP
-    lr: float = 1e-3  # Adam learning rate on fc1/fc2 weights and biases, cosine-annealed to 0
-    batch_size: int = 32  # images per step
-
-    def __post_init__(self) -> None:
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ConfigError(
-                f"method.init.mlp_relu_iters={self.iters} must be an integer >= 1; "
-                "Fix: method.init.mlp_relu_iters=500 (Adam steps per MLP)."
-            )
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, (int, float))
-            or not (math.isfinite(self.lr) and self.lr > 0)
-        ):
-            raise ConfigError(
-                f"method.init.mlp_relu_lr={self.lr} must be a finite number > 0; Fix: method.init.mlp_relu_lr=1e-3."
-            )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(
-                f"method.init.mlp_relu_batch_size={self.batch_size} must be an integer >= 1; "
-                "Fix: method.init.mlp_relu_batch_size=32 (images per step)."
-            )
-
-
-@dataclass(frozen=True)
 class MethodSettings:
     """The method: its quantizers, their initialisation, and reconstruction (None where the method has none)."""
 
@@ -268,111 +240,129 @@ class MethodSettings:
         return self.recon is not None and self.losses is not None
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """Every setting of one job, checked. ``method`` and ``calib`` are None for ``mode=eval`` (the export
-    decides them); ``checkpoint`` is None for ``mode=run``."""
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """What every job has, whatever its mode: ``RunSettings`` (``mode=run``) and ``EvalSettings`` (``mode=eval``)
+    add their own."""
 
-    mode: str  # run | eval
+    mode: ClassVar[str]
     seed: int
     device: str  # auto | cpu | cuda | cuda:N | claim
     threads: int | None  # torch CPU threads (None: the cores shared among concurrent_jobs)
     concurrent_jobs: int  # jobs the Hydra launcher runs at once
     progress: bool
+    run_dir: Path  # where results go (a resumed run's own directory when resume= names one)
+    model: ModelSettings
+    data: DataSettings
+    eval: EvalOptions
+    config: Mapping[str, Any]  # the resolved config as results.json records it (plus calib.list_sha256)
+    logger: LoggerSettings = LoggerSettings()  # experiment tracking (logger=)
+    resume: bool = False  # continue the run in ``run_dir`` (mode=run only)
+
+    def in_run_dir(self, run_dir: Path) -> Self:
+        """The same settings writing into ``run_dir`` (a resumed run's), its record saying so."""
+        return replace(self, run_dir=run_dir, config={**self.config, "output_dir": str(run_dir)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings(JobSettings):
+    """``mode=run``: quantize, calibrate, reconstruct, export and score a model."""
+
+    mode: ClassVar[str] = "run"
+    method: MethodSettings
+    calib: CalibSettings
     export: bool  # write the integer codes (quantized_model.*)
     export_onnx: bool  # and model.onnx
     onnx_int8_weights: bool  # export=onnx_vnni: model.onnx keeps 8-bit weights in int8 (fast with VNNI)
     dry_run: bool
-    resume: bool
-    run_dir: Path  # where results go (a resumed run's own directory when resume= names one)
-    checkpoint: Path | None
-    model: ModelSettings
-    data: DataSettings
-    eval: EvalSettings
-    calib: CalibSettings | None
-    method: MethodSettings | None
-    config: Mapping[str, Any]  # the resolved config as results.json records it (plus calib.list_sha256)
-    logger: LoggerSettings = LoggerSettings()  # experiment tracking (logger=)
 
-    def in_run_dir(self, run_dir: Path) -> RunSettings:
-        """The same settings writing into ``run_dir`` (a resumed run's), its record saying so."""
-        return replace(self, run_dir=run_dir, config={**self.config, "output_dir": str(run_dir)})
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings(JobSettings):
+    """``mode=eval``: score the export in ``checkpoint`` (its manifest decides the method and calibration)."""
+
+    mode: ClassVar[str] = "eval"
+    checkpoint: Path
 
 
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def parse_settings(cfg: DictConfig) -> RunSettings:
+def parse_settings(cfg: DictConfig) -> RunSettings | EvalSettings:
     """Checks the composed config and returns the job's settings; raises ``ConfigError`` naming the fix."""
     config = resolved(cfg)
-    seed = _int(config, "", "seed", 0)
-    threads = _int(config, "", "threads", 1, optional=True)
     device = config.get("device")
     if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
         raise ConfigError(f"device={device!r} is unknown. Fix: device=auto, cpu, cuda, cuda:<index> or claim.")
     mode = _check_choice(config, "", "mode", ("run", "eval"))
-    progress = _check_bool(config, "", "progress")
     export = config.get("export")
     if export not in (True, False, "onnx", "onnx_vnni"):
         raise ConfigError(
             f"export={export!r} is unknown. Fix: export=true (integer codes, safetensors), export=onnx (that and "
             "model.onnx), export=onnx_vnni (int8 8-bit weights, for VNNI CPUs) or export=false."
         )
-    dry_run = _check_bool(config, "", "dry_run")
-    calib_num = _int(config["calib"], "calib", "num_images", 1, optional=True)
-    model = ModelSettings.parse(config["model"])
-    calib_batch = _int(config["calib"], "calib", "batch_size", 1)
-    evaluation = _eval_settings(config, mode, device)
+    evaluation = _eval_options(config, mode, device)
     if export in ("onnx", "onnx_vnni") or evaluation.runtime == "onnxruntime":
         require_deploy()
-    data = DataSettings.parse(config["data"])
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    logger = LoggerSettings.parse(config.get("logger"), sweep_dir(hydra_cfg))
+    common = {
+        "seed": _int(config, "", "seed", 0),
+        "device": device,
+        "threads": _int(config, "", "threads", 1, optional=True),
+        "concurrent_jobs": launcher_jobs(hydra_cfg),
+        "progress": _check_bool(config, "", "progress"),
+        "run_dir": Path(str(config["output_dir"])),
+        "model": ModelSettings.parse(config["model"]),
+        "data": DataSettings.parse(config["data"]),
+        "eval": evaluation,
+        "logger": LoggerSettings.parse(config.get("logger"), sweep_dir(hydra_cfg)),
+    }
+    if mode == "eval":
+        return _eval_job(config, common)
+    return _run_job(config, common, export)
 
-    method = calib = checkpoint = None
-    run_dir, resuming = Path(str(config["output_dir"])), False
-    if mode == "run":
-        _check_model_preset(model, data)
-        method = _method_settings(config)
-        calib = _calib_settings(config, calib_num, calib_batch)
-        if calib.list_sha256 is not None:  # the list's contents, for the record and for resume's check
-            config["calib"]["list_sha256"] = calib.list_sha256
-        if dry_run and not method.reconstructs:
-            raise ConfigError(
-                f"dry_run=true projects a reconstruction, but method {method.name} does not reconstruct. "
-                "Fix: method=brecq, qdrop or mgrq, or drop dry_run."
-            )
-        run_dir, resuming = resume_target(config.get("resume", False), str(config["output_dir"]))
-    else:
-        checkpoint = _checkpoint(config)
-        if run_dir.resolve() == checkpoint:
-            raise ConfigError(
-                f"mode=eval would write into its checkpoint's own run dir {checkpoint}, replacing the record of the "
-                "run it evaluates. Fix: drop hydra.run.dir (a new run dir), or give another one."
-            )
+
+def _run_job(config: dict[str, Any], common: dict[str, Any], export: bool | str) -> RunSettings:
+    """``mode=run``'s settings: the method, the calibration set, the export, a resumed run's directory."""
+    dry_run = _check_bool(config, "", "dry_run")
+    _check_model_preset(common["model"], common["data"])
+    method = _method_settings(config)
+    calib_num = _int(config["calib"], "calib", "num_images", 1, optional=True)
+    calib = _calib_settings(config, calib_num, _int(config["calib"], "calib", "batch_size", 1))
+    if calib.list_sha256 is not None:  # the list's contents, for the record and for resume's check
+        config["calib"]["list_sha256"] = calib.list_sha256
+    if dry_run and not method.reconstructs:
+        raise ConfigError(
+            f"dry_run=true projects a reconstruction, but method {method.name} does not reconstruct. "
+            "Fix: method=brecq, qdrop or mgrq, or drop dry_run."
+        )
+    run_dir, resuming = resume_target(config.get("resume", False), str(config["output_dir"]))
     settings = RunSettings(
-        mode=mode,
-        seed=seed,
-        device=device,
-        threads=threads,
-        concurrent_jobs=launcher_jobs(hydra_cfg),
-        progress=progress,
+        **common,
+        config=config,
+        resume=resuming,
+        method=method,
+        calib=calib,
         export=export in (True, "onnx", "onnx_vnni"),
         export_onnx=export in ("onnx", "onnx_vnni"),
         onnx_int8_weights=export == "onnx_vnni",
         dry_run=dry_run,
-        resume=resuming,
-        run_dir=Path(str(config["output_dir"])),
-        checkpoint=checkpoint,
-        model=model,
-        data=data,
-        eval=evaluation,
-        calib=calib,
-        method=method,
-        config=config,
-        logger=logger,
     )
     return settings.in_run_dir(run_dir) if run_dir != settings.run_dir else settings
+
+
+def _eval_job(config: dict[str, Any], common: dict[str, Any]) -> EvalSettings:
+    """``mode=eval``'s settings: the export to score, and a run dir of its own."""
+    _check_bool(config, "", "dry_run")  # checked in both modes, though only a run uses them
+    _int(config["calib"], "calib", "num_images", 1, optional=True)
+    _int(config["calib"], "calib", "batch_size", 1)
+    checkpoint = _checkpoint(config)
+    if common["run_dir"].resolve() == checkpoint:
+        raise ConfigError(
+            f"mode=eval would write into its checkpoint's own run dir {checkpoint}, replacing the record of the "
+            "run it evaluates. Fix: drop hydra.run.dir (a new run dir), or give another one."
+        )
+    return EvalSettings(**common, config=config, checkpoint=checkpoint)
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -398,6 +388,8 @@ def launcher_jobs(hydra_cfg: DictConfig | None) -> int:
     n_jobs = hydra_cfg.launcher.get("n_jobs")
     if not isinstance(n_jobs, int) or n_jobs == 0:
         return 1
+    from mgrq_runner.devices import CPU_CORES  # torch's own count (devices loads torch)
+
     return n_jobs if n_jobs > 0 else max(1, CPU_CORES + 1 + n_jobs)
 
 
@@ -433,7 +425,7 @@ def check_overrides(overrides: list[str], cfg: DictConfig) -> None:
         raise ConfigError(f"{override}: {key} is not a setting of mgrq-run. Fix: {fix}.")
 
 
-def _eval_settings(config: dict[str, Any], mode: str, device: str) -> EvalSettings:
+def _eval_options(config: dict[str, Any], mode: str, device: str) -> EvalOptions:
     node = config["eval"]
     world_size = _int(node, "eval", "world_size", 1, max_world_size(device))
     backend = _check_choice(node, "eval", "backend", EVAL_BACKENDS)
@@ -445,7 +437,7 @@ def _eval_settings(config: dict[str, Any], mode: str, device: str) -> EvalSettin
         )
     if runtime == "onnxruntime" and world_size > 1:
         raise ConfigError("eval.runtime=onnxruntime runs in one process. Fix: eval.world_size=1.")
-    return EvalSettings(world_size, backend, runtime)
+    return EvalOptions(world_size, backend, runtime)
 
 
 def _method_settings(config: dict[str, Any]) -> MethodSettings:
@@ -519,6 +511,8 @@ def _check_model_preset(model: ModelSettings, data: DataSettings) -> None:
 def max_world_size(device: str) -> int:
     """The most evaluation processes this machine can run: its GPUs for a CUDA device, else its CPU cores."""
     if device.startswith("cuda") or device == "claim":
+        import torch
+
         return max(1, torch.cuda.device_count())
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 

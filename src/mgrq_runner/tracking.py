@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mgrq_runner.errors import ConfigError, Interrupted, MgrqError, error_message
 from mgrq_runner.files import write_text_atomic
@@ -42,10 +42,7 @@ from mgrq_runner.rundir import (
     TENSORBOARD_DIR,
     TRACKING_RUN,
 )
-from mgrq_runner.settings import TRACKING_HINT
-
-if TYPE_CHECKING:
-    from mgrq_runner.settings import RunSettings
+from mgrq_runner.settings import TRACKING_HINT, EvalSettings, JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +103,7 @@ class Tracker:
 
 
 @contextmanager
-def tracked(settings: RunSettings) -> Iterator[Tracker]:
+def tracked(settings: JobSettings) -> Iterator[Tracker]:
     """Opens the job's tracker (``settings.logger``) for the block; a failure or an interruption in the block is
     recorded in it and goes on. The caller calls ``finish`` after the block, once the results are written."""
     tracker = open_tracker(settings)
@@ -122,7 +119,7 @@ def tracked(settings: RunSettings) -> Iterator[Tracker]:
         raise
 
 
-def open_tracker(settings: RunSettings) -> Tracker:
+def open_tracker(settings: JobSettings) -> Tracker:
     if settings.logger.name == "mlflow":
         return MlflowTracker(settings)
     if settings.logger.name == "tensorboard":
@@ -141,7 +138,7 @@ def _quietly(step: Any, *args: Any) -> None:
 class MlflowTracker(Tracker):
     """``logger=mlflow``: one MLflow run per job, through ``MlflowClient`` (no global active run)."""
 
-    def __init__(self, settings: RunSettings) -> None:
+    def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
         self.uri = str(settings.logger.tracking_uri)
         self.run_id: str | None = None
@@ -205,7 +202,7 @@ class MlflowTracker(Tracker):
             return run, True
         tags = {}
         parent = None
-        if settings.mode == "eval" and settings.checkpoint is not None:
+        if isinstance(settings, EvalSettings):
             exported = read_record(settings.checkpoint)
             if exported is not None:
                 parent = self._recorded_run(exported, settings.checkpoint, "mode=eval")
@@ -271,7 +268,7 @@ class MlflowTracker(Tracker):
         tags = {"mgrq.run_dir": str(settings.run_dir.absolute()), "mgrq.mode": settings.mode}
         if settings.logger.sweep_dir is not None:
             tags["mgrq.sweep_dir"] = str(settings.logger.sweep_dir)
-        if settings.checkpoint is not None:
+        if isinstance(settings, EvalSettings):
             tags["mgrq.checkpoint"] = str(settings.checkpoint)
         return tags
 
@@ -331,7 +328,7 @@ class TensorBoardTracker(Tracker):
     """``logger=tensorboard``: event files in ``<run dir>/tensorboard/``, written with torch's ``SummaryWriter``.
     A new run's folder starts empty; a resumed run's keeps what the interrupted one wrote."""
 
-    def __init__(self, settings: RunSettings) -> None:
+    def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
         self.directory = settings.run_dir / TENSORBOARD_DIR
 

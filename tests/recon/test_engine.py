@@ -158,7 +158,9 @@ def test_local_targets_in_bfloat16(proxy) -> None:
         copied = copy.deepcopy(unit)
         copied_points = capture_points(copied.module, losses.local_layers)
         targets = UnitTargets(output, cached, None)
-        optimizer = UnitOptimizer(copied, None, targets, copied_points, ReconConfig(quant_prob=1.0), losses)
+        supervision = Supervision(fp_units, None, ReconConfig(quant_prob=1.0), losses)
+        distance = supervision.block_distance(copied, 2, x_fp, output)
+        optimizer = UnitOptimizer(copied, None, targets, copied_points, supervision, distance)
         idx = torch.arange(32)
         with torch.no_grad():
             terms[name] = optimizer.loss_terms(x_fp[idx], idx, False)["local"].item()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.recon.losses import LossFusion
+from mgrq_runner.recon.losses.fusion import LossFusion
 
 
 def terms(block: float, global_: float, local: float, rounding: float) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 and the integer codes an export writes."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -95,3 +96,30 @@ def test_ste_reconstruction_reports_its_own_convergence_and_exports_its_codes(pr
         codes = weight_codes(layer).float()  # raises unless the codes reproduce the weight the layer computes with
         scale, zero_point = layer.rounding.step_size().detach(), layer.rounding.zero_point
         assert torch.equal(dequantize(codes, scale, zero_point), layer.quantized_weight())
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_weight_schedule_anneals_weights_and_steps_to_zero(proxy, schedule: str) -> None:
+    from mgrq_runner.recon.optimizer import Supervision, UnitOptimizer
+
+    fp_model, quant_model, images = copy.deepcopy(proxy)
+    for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
+        parameter.requires_grad_(False)
+    recon = ReconConfig(iters=20, batch_size=16, rounding="ste", weight_lr=1e-3, weight_scale_lr=1e-4)
+    recon = ReconConfig(**{**recon.__dict__, "weight_schedule": schedule})
+    losses = LossConfig(global_weight=0.0, local_weight=0.0)
+    supervision = Supervision.create(model_units(fp_model), images, recon, losses)
+    optimizer = UnitOptimizer.for_unit(model_units(quant_model)[0], 0, images, supervision)
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for step in range(recon.iters):
+        rates.append([group["lr"] for group in optimizer.weight_optimizer.param_groups])
+        optimizer.step(step, images, images, generator)
+    assert rates[0] == [1e-3, 1e-4]
+    if schedule == "constant":
+        assert all(r == [1e-3, 1e-4] for r in rates)
+    else:  # cosine: half way at the middle, both groups alike, near 0 at the last step
+        assert rates[10] == pytest.approx([5e-4, 5e-5])
+        assert rates[-1][0] == pytest.approx(1e-3 * (1 - math.cos(math.pi / 20)) / 2, rel=1e-5)
+        assert all(a[0] > b[0] for a, b in zip(rates, rates[1:], strict=False))

@@ -180,6 +180,15 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def check_export_model(manifest: dict[str, Any], checkpoint: Path, name: str) -> None:
+    """The export holds the model the config names (``mode=eval`` rebuilds that model to load it into)."""
+    if manifest["model"]["name"] != name:
+        raise ModelError(
+            f"checkpoint {checkpoint} holds model {manifest['model']['name']} but the config names {name}. "
+            f"Fix: add model=<its preset> (or model.name={manifest['model']['name']})."
+        )
+
+
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     """The manifest of an exported run, checked; raises ConfigError / ModelError naming the fix."""
     run_dir = Path(run_dir)

@@ -7,50 +7,16 @@ explicit attention path). ``calibrate`` then sets the ranges and enables them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
-from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.quant.attention import SOFTMAX_QUANTIZERS, QuantViTAttention, QuantWindowAttention
+from mgrq_runner.errors import ModelError
+from mgrq_runner.quant.attention import QuantViTAttention, QuantWindowAttention
+from mgrq_runner.quant.config import QuantConfig
 from mgrq_runner.quant.modules import QuantConv2d, QuantLinear, QuantWeightLayer
 from mgrq_runner.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
-
-MIN_BITS, MAX_BITS = 2, 8
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What ``quantize_`` inserts.
-
-    Attributes:
-        w_bits: weight bits (every Linear, the patch-embedding conv, the head).
-        a_bits: activation bits (Linear inputs and both operands of both attention matmuls).
-        input_bits: bits of the image entering the patch-embedding conv.
-        softmax_quantizer: the post-softmax operand's quantizer: ``log_sqrt2`` (strictly b bits), ``log_sqrt2_repq``
-            (RepQ-ViT's convention: 2**b levels plus zero) or ``uniform``.
-    """
-
-    w_bits: int = 4
-    a_bits: int = 4
-    input_bits: int = 8
-    softmax_quantizer: str = "log_sqrt2"
-
-    def __post_init__(self) -> None:
-        for name in ("w_bits", "a_bits", "input_bits"):
-            bits = getattr(self, name)
-            if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ConfigError(
-                    f"quant.{name}={bits!r} is outside {MIN_BITS}..{MAX_BITS}. "
-                    f"Fix: pick an integer from {MIN_BITS} to {MAX_BITS} (e.g. quant=w4a4)."
-                )
-        if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
-            raise ConfigError(
-                f"method.init.softmax_quantizer={self.softmax_quantizer!r} is unknown. "
-                f"Fix: one of {SOFTMAX_QUANTIZERS}."
-            )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from mgrq_runner.quant.api import quant_layers, set_quantization
 from mgrq_runner.quant.modules import QuantMatMul
-from mgrq_runner.recon.losses import block_loss
+from mgrq_runner.recon.losses.mse import block_loss
 from mgrq_runner.recon.units import Unit, run_remainder
 
 CapturePoint = tuple[nn.Module, str]  # a module and whether its "input" or "output" is recorded

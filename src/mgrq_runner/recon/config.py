@@ -1,21 +1,30 @@
-"""Reconstruction settings: how every unit is optimised (``ReconConfig``) and on which loss (``LossConfig``)."""
+"""Reconstruction settings: how every unit is optimised (``ReconConfig``) and on which loss (``LossConfig``).
+
+Torch-free at import (the settings layer builds these without loading torch): the names a field may take are
+owned by the registries that implement them (``quant.rounding``, ``recon.losses``) and read when a config is
+checked.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.quant.rounding import ROUNDINGS  # what a unit's weights learn (docs/method.md 2, 9)
-from mgrq_runner.recon.losses import FUSION_MODES, GLOBAL_DISTANCES, LOCAL_DISTANCES, LossFusion
+
+if TYPE_CHECKING:
+    import torch
+
+    from mgrq_runner.recon.losses.fusion import LossFusion
 
 # Where IBLS may align a block's layers: the outputs of these Linears, the attention probabilities (the input of
 # ``attn @ v``) and the output of ``attn @ v``.
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
 LOCAL_TARGET_DTYPES = ("float32", "bfloat16")
+WEIGHT_SCHEDULES = ("constant", "cosine")
+APH_FORMS = ("released", "current")  # APHQ-ViT's loss as its published numbers were made, or as its code is now
+APH_HESSIANS = ("finite_difference", "exact")
 
 
 TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
@@ -48,11 +57,18 @@ class ReconConfig:
     learn_log_delta: bool = False
     rounding: str = "adaround"  # adaround: up or down on a fixed grid | ste: the weight and its step, round-to-nearest
     weight_scale_lr: float = 0.0  # ste: Adam lr of the per-channel weight steps (0: the steps stay fixed)
+    weight_schedule: str = "constant"  # the weight optimiser's lr: constant | cosine (to 0 over the budget)
 
     def __post_init__(self) -> None:
         check_types(self, "method.recon")
+        from mgrq_runner.quant.rounding import ROUNDINGS  # what a unit's weights learn (docs/method.md 2, 9)
+
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"method.recon.rounding={self.rounding!r} is unknown. Fix: one of {tuple(ROUNDINGS)}.")
+        if self.weight_schedule not in WEIGHT_SCHEDULES:
+            raise ConfigError(
+                f"method.recon.weight_schedule={self.weight_schedule!r} is unknown. Fix: one of {WEIGHT_SCHEDULES}."
+            )
         if self.weight_scale_lr < 0:
             raise ConfigError(f"method.recon.weight_scale_lr={self.weight_scale_lr} must be >= 0.")
         if self.iters < 1 or self.batch_size < 1:
@@ -78,13 +94,33 @@ class LossConfig:
     local_distance: str = "nmse"
     local_layers: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     local_target_dtype: str = "float32"  # or bfloat16: IBLS's cached FP layer tensors in half the memory
+    block_distance: str = "mse"  # the block term: mse | dplr_fim (FIMA-Q) | aph (APHQ-ViT); recon.losses
+    statistic_temperature: float = 20.0  # dplr_fim, aph: the KL temperature of their Fisher / Hessian statistics
+    fisher_rank: int = 5  # dplr_fim: snapshots per unit, evenly spaced from the first step (FIMA-Q's k)
+    aph_form: str = "released"  # aph: released | current (docs/method.md)
+    aph_hessian: str = "finite_difference"  # aph: finite_difference (APHQ-ViT's +-1e-6) | exact (a Hessian product)
 
     @property
     def local_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.local_target_dtype)
 
     def __post_init__(self) -> None:
         check_types(self, "method.loss")
+        from mgrq_runner.recon.losses import BLOCK_DISTANCES
+        from mgrq_runner.recon.losses.fusion import FUSION_MODES
+        from mgrq_runner.recon.losses.global_local import GLOBAL_DISTANCES, LOCAL_DISTANCES
+
+        if self.block_distance not in BLOCK_DISTANCES:
+            raise ConfigError(
+                f"method.loss.block_distance={self.block_distance!r} is unknown. Fix: one of {tuple(BLOCK_DISTANCES)}."
+            )
+        for key, allowed in (("aph_form", APH_FORMS), ("aph_hessian", APH_HESSIANS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"method.loss.{key}={getattr(self, key)!r} is unknown. Fix: one of {allowed}.")
+        if self.fisher_rank < 1 or self.statistic_temperature <= 0:
+            raise ConfigError("method.loss.fisher_rank must be >= 1 and method.loss.statistic_temperature > 0.")
         if self.fusion not in FUSION_MODES:
             raise ConfigError(f"method.loss.fusion={self.fusion!r} is unknown. Fix: one of {FUSION_MODES}.")
         if self.global_distance not in GLOBAL_DISTANCES:
@@ -105,4 +141,6 @@ class LossConfig:
 
     def new_fusion(self) -> LossFusion:
         """A fusion for one unit: it fixes its normalisers on the unit's first mini-batch."""
+        from mgrq_runner.recon.losses.fusion import LossFusion
+
         return LossFusion(self.global_weight, self.local_weight, self.round_weight, self.fusion, self.warmup)

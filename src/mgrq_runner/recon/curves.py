@@ -51,3 +51,15 @@ class LossCurves:
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(self.curves))
+
+
+def chain(first: StepCallback | None, second: StepCallback | None) -> StepCallback | None:
+    """One callback calling ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(unit: str, step: int, terms: dict[str, float], total: int) -> None:
+        first(unit, step, terms, total)
+        second(unit, step, terms, total)
+
+    return both

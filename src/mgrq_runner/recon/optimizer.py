@@ -28,7 +28,8 @@ from mgrq_runner.recon.cache import (
     per_image,
 )
 from mgrq_runner.recon.config import LossConfig, ReconConfig
-from mgrq_runner.recon.losses import block_loss, global_loss, local_loss
+from mgrq_runner.recon.losses import BLOCK_DISTANCES, BlockDistance, UnitContext, create_block_distance
+from mgrq_runner.recon.losses.global_local import global_loss, local_loss
 from mgrq_runner.recon.units import Unit, fp_remainder
 
 STE_CHECK_AT = 0.9  # STE's convergence report: the calibration block loss at 90 % and at 100 % of the budget
@@ -41,19 +42,31 @@ Remainder = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class Supervision:
     """What every unit's optimiser of one reconstruction shares: the FP model's units (EBGS's remainder after each
-    unit), the FP logits of every calibration image (None when EBGS is off) and the settings."""
+    unit), the FP logits (or pre-head features) of every calibration image for EBGS (None when it is off), the FP
+    logits for a block distance that ``needs_logits`` (else None), and the settings."""
 
     fp_units: list[Unit]
     logits: torch.Tensor | None
     recon: ReconConfig
     losses: LossConfig
+    class_logits: torch.Tensor | None = None
 
     @classmethod
     def create(cls, fp_units: list[Unit], images: torch.Tensor, recon: ReconConfig, losses: LossConfig) -> Supervision:
-        """Caches the FP logits (or pre-head features) of ``images`` when the global term is on."""
+        """Caches the FP logits (or pre-head features) of ``images`` that the configured terms read."""
         pre_logits = losses.global_distance == "mse_feature"
         logits = fp_logits(fp_units, images, pre_logits, recon.batch_size) if losses.global_weight > 0 else None
-        return cls(fp_units, logits, recon, losses)
+        class_logits = None
+        if BLOCK_DISTANCES[losses.block_distance].needs_logits:
+            reuse = logits is not None and not pre_logits
+            class_logits = logits if reuse else fp_logits(fp_units, images, False, recon.batch_size)
+        return cls(fp_units, logits, recon, losses, class_logits)
+
+    def block_distance(self, unit: Unit, index: int, x_fp: torch.Tensor, target: torch.Tensor) -> BlockDistance:
+        """The configured block distance of quantized ``unit`` (the ``index``-th)."""
+        remainder = fp_remainder(self.fp_units, index, pre_logits=False)
+        context = UnitContext(unit, x_fp, target, remainder, self.class_logits, self.recon, self.losses)
+        return create_block_distance(self.losses.block_distance, context)
 
 
 def pick(cache: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -113,8 +126,8 @@ class UnitOptimizer:
         remainder: its output -> FP logits of the rest of the model, for EBGS; None for the head.
         targets: the unit's FP targets for every calibration image.
         points: the IBLS capture points in ``unit`` (empty: no local term).
-        recon: optimisation settings.
-        losses: loss settings.
+        supervision: the settings (``recon``, ``losses``) and what the whole reconstruction shares.
+        distance: the block term (``method.loss.block_distance``; ``Supervision.block_distance`` builds it).
     """
 
     def __init__(
@@ -123,11 +136,12 @@ class UnitOptimizer:
         remainder: Remainder | None,
         targets: UnitTargets,
         points: list[CapturePoint],
-        recon: ReconConfig,
-        losses: LossConfig,
+        supervision: Supervision,
+        distance: BlockDistance,
     ) -> None:
         self.unit, self.remainder, self.targets, self.points = unit, remainder, targets, points
-        self.recon, self.losses = recon, losses
+        recon, losses = supervision.recon, supervision.losses
+        self.recon, self.losses, self.distance = recon, losses, distance
         self.roundings, self.scales = prepare_unit(unit.module, recon)
         self.fusion = losses.new_fusion()
         kind = ROUNDINGS[recon.rounding]
@@ -137,6 +151,11 @@ class UnitOptimizer:
         if kind.learns_step and recon.weight_scale_lr > 0:
             groups.append({"params": [r.scale for r in self.roundings], "lr": recon.weight_scale_lr})
         self.weight_optimizer = torch.optim.Adam(groups)
+        self.weight_schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.weight_optimizer, T_max=recon.iters)
+            if recon.weight_schedule == "cosine"
+            else None
+        )
         self.scale_optimizer = torch.optim.Adam(self.scales, lr=recon.scale_lr) if self.scales else None
         self.scale_schedule = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_optimizer, T_max=recon.iters)
@@ -153,13 +172,14 @@ class UnitOptimizer:
         output, layers = fp_outputs(unit, x_fp, points, recon.batch_size, losses.local_dtype)
         remainder = fp_remainder(supervision.fp_units, index, losses.global_distance == "mse_feature")
         targets = UnitTargets(output, layers, supervision.logits)
-        return cls(unit, remainder, targets, points, recon, losses)
+        distance = supervision.block_distance(unit, index, x_fp, output)
+        return cls(unit, remainder, targets, points, supervision, distance)
 
     def loss_terms(self, inputs: torch.Tensor, images: torch.Tensor, with_global: bool) -> dict[str, torch.Tensor]:
         """Block, global (EBGS) and local (IBLS) terms of one mini-batch: ``inputs`` of calibration ``images``."""
         with capture(self.points) as captured:
             output = self.unit(inputs)
-        terms = {"block": block_loss(output, pick(self.targets.output, images))}
+        terms = {"block": self.distance(output, pick(self.targets.output, images))}
         if with_global and self.remainder is not None and self.targets.logits is not None:
             logits = self.remainder(output)
             terms["global"] = global_loss(
@@ -176,6 +196,7 @@ class UnitOptimizer:
     ) -> dict[str, torch.Tensor]:
         """One optimisation step on a random mini-batch of the cached inputs; returns the loss terms (detached)."""
         recon = self.recon
+        self.distance.refresh(step)
         images = torch.randint(0, x_q.shape[0], (recon.batch_size,), generator=generator, device=generator.device)
         inputs = qdrop_input(pick(x_q, images), pick(x_fp, images), recon.quant_prob, generator)
         terms = self.loss_terms(inputs, images, step % self.losses.global_every == 0)
@@ -194,6 +215,8 @@ class UnitOptimizer:
             self.scale_optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.weight_optimizer.step()
+        if self.weight_schedule is not None:
+            self.weight_schedule.step()
         if self.scale_optimizer is not None and self.scale_schedule is not None:
             self.scale_optimizer.step()
             self.scale_schedule.step()

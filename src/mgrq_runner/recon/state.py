@@ -23,22 +23,13 @@ from torch import nn
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
 from mgrq_runner.quant.api import quant_layers
+from mgrq_runner.resume import check_same_config
+from mgrq_runner.rundir import RECON_STATE
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Raises ConfigError naming every key whose value differs between two config fingerprints."""
-    keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-    if keys:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
-        raise ConfigError(
-            f"resume: {where} was made with a different config ({diffs}). Fix: resume with the original values, "
-            "or start a new run (resume=false and a new output dir)."
-        )
 
 
 def _derived_keys(module: nn.Module) -> set[str]:
@@ -76,6 +67,16 @@ class ReconState:
         self.data: dict[str, Any] | None = None  # the calibration data's identity (data.DataBundle.identity)
         self.on_save = on_save
         self.units: list[dict[str, Any]] = []  # name, file, seconds, final; in unit order
+
+    @classmethod
+    def for_run(cls, run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> ReconState:
+        """A run's saved units: an interrupted run's when resuming, else none (an earlier run's are dropped)."""
+        state = cls(run_dir / RECON_STATE, fingerprint)
+        if resume:
+            state.resume()
+        else:
+            state.clear()
+        return state
 
     @property
     def names(self) -> list[str]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from mgrq_runner.errors import ModelError, NumericalError
 from mgrq_runner.recon.units import model_units
-from mgrq_runner.settings import MlpReluConfig
+from mgrq_runner.transforms.config import MlpReluConfig
 
 # The activations that count as "the original GELU": torch's and timm's own (``act_layer="gelu"`` builds timm's).
 GELU_TYPES = (nn.GELU, TimmGELU, TimmGELUTanh)

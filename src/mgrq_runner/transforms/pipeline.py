@@ -66,6 +66,11 @@ FP_TRANSFORMS = (
 )
 
 
+def transforms_requested(method: MethodSettings) -> bool:
+    """Whether ``method`` asks for any FP transform."""
+    return any(t.requested(method) for t in FP_TRANSFORMS)
+
+
 def apply_fp_transforms(
     model: nn.Module, images: torch.Tensor, method: MethodSettings, seed: int, dry_run: bool = False
 ) -> dict[str, Any]:
