@@ -63,3 +63,33 @@ def test_dry_run_records_a_projection_and_no_result(compose_cfg) -> None:
 def test_dry_run_needs_a_method_that_reconstructs(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="does not reconstruct"):
         run(compose_cfg("dry_run=true", "method=repq"))
+
+
+def test_projection_times_a_distances_statistics_apart() -> None:
+    # FIMA-Q's Fisher snapshots happen at a few steps of the budget: the projection times one and counts them,
+    # and the timed steps in the middle of the budget do not recompute them.
+    fp_model, quant_model, images = tiny_models("deit_distilled")
+    recon = ReconConfig(iters=100, batch_size=4)
+    projections = {
+        distance: project(quant_model, fp_model, images, recon, LossConfig(block_distance=distance), seed=0, steps=2)
+        for distance in ("mse", "dplr_fim")
+    }
+    for projection in projections.values():
+        assert all(u.step_seconds > 0 and u.pass_seconds > 0 for u in projection.units)
+    from mgrq_runner.recon.losses.fisher import DplrFisher
+
+    calls = []
+    original = DplrFisher.snapshot
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        calls.append(self.context.unit.name)
+        return original(self)
+
+    DplrFisher.snapshot = counted
+    try:
+        project(quant_model, fp_model, images, recon, LossConfig(block_distance="dplr_fim"), seed=0, steps=2)
+    finally:
+        DplrFisher.snapshot = original
+    units = model_units(quant_model)
+    timed_blocks = [units[i].name for i in sampled_units(len(units)) if i < len(units) - 1]
+    assert calls == timed_blocks  # one snapshot per timed unit but the head, none in the timed steps

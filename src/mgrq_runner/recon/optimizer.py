@@ -192,11 +192,13 @@ class UnitOptimizer:
         return terms
 
     def step(
-        self, step: int, x_q: torch.Tensor, x_fp: torch.Tensor, generator: torch.Generator
+        self, step: int, x_q: torch.Tensor, x_fp: torch.Tensor, generator: torch.Generator, refresh: bool = True
     ) -> dict[str, torch.Tensor]:
-        """One optimisation step on a random mini-batch of the cached inputs; returns the loss terms (detached)."""
+        """One optimisation step on a random mini-batch of the cached inputs; returns the loss terms (detached).
+        ``refresh=False`` skips the block distance's statistics (``dry_run`` times them apart)."""
         recon = self.recon
-        self.distance.refresh(step)
+        if refresh:
+            self.distance.refresh(step)
         images = torch.randint(0, x_q.shape[0], (recon.batch_size,), generator=generator, device=generator.device)
         inputs = qdrop_input(pick(x_q, images), pick(x_fp, images), recon.quant_prob, generator)
         terms = self.loss_terms(inputs, images, step % self.losses.global_every == 0)

@@ -4,7 +4,8 @@ Some units are sampled (the first, the first block, a middle one, the last block
 Each is set up as the engine would (a copy: the model is not changed): its FP targets over every calibration
 image are cached, ``steps`` optimisation steps are timed half-way through the budget (the rounding term on), and
 it is hardened. A unit's projected time is ``iters x step time`` plus its passes over the calibration set
-(caching, moving ``X_q`` on, the two block losses of hardening). Units between samples are interpolated by their
+(caching, moving ``X_q`` on, the two block losses of hardening) and its block distance's statistics (FIMA-Q's
+Fisher snapshots: one timed, times their number). Units between samples are interpolated by their
 index: a unit's own step costs about the same along a ViT and EBGS's remainder shrinks linearly with depth.
 """
 
@@ -148,21 +149,26 @@ def _time_unit(
     x_q = x_fp.clone()  # the engine holds X_q beside X_fp
     sync()
     setup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    optimizer.distance.refresh(0)  # the block distance's statistics at the start (FIMA-Q's first snapshot)
+    sync()
+    refresh_seconds = (time.perf_counter() - start) * optimizer.distance.refresh_count(supervision.recon.iters)
     middle = supervision.recon.iters // 2
     for step in range(middle - 2, middle):  # warm-up: allocations, first-call costs
-        optimizer.step(step, x_q, x_fp, generator)
+        optimizer.step(step, x_q, x_fp, generator, refresh=False)
     count = max(steps, supervision.losses.global_every)
     sync()
     start = time.perf_counter()
     for step in range(middle, middle + count):
-        optimizer.step(step, x_q, x_fp, generator)
+        optimizer.step(step, x_q, x_fp, generator, refresh=False)
     sync()
     step_seconds = (time.perf_counter() - start) / count
     start = time.perf_counter()
     optimizer.harden(x_q)  # two passes over the calibration set
     sync()
     harden_seconds = time.perf_counter() - start
-    return step_seconds, setup_seconds + 1.5 * harden_seconds  # + moving X_q on: one pass, as in hardening
+    passes = setup_seconds + 1.5 * harden_seconds  # + moving X_q on: one pass, as in hardening
+    return step_seconds, passes + refresh_seconds
 
 
 def _interpolate(measured: dict[int, tuple[float, float]], index: int) -> tuple[float, float]:

@@ -62,6 +62,10 @@ class BlockDistance:
     def refresh(self, step: int) -> None:
         """Called before optimisation step ``step``: recompute statistics that depend on the unit's state."""
 
+    def refresh_count(self, iters: int) -> int:
+        """How many of a budget's ``iters`` steps recompute statistics in ``refresh`` (``dry_run`` times one)."""
+        return 0
+
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The term on a mini-batch: the quantized unit's ``output`` against the FP ``target`` (same shape)."""
         raise NotImplementedError

@@ -84,6 +84,9 @@ class DplrFisher(BlockDistance):
         self.metric = dplr_metric(self.errors)
         self.initial = None
 
+    def refresh_count(self, iters: int) -> int:
+        return 0 if self.context.is_head else len(range(0, iters, self.every))
+
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The statistics of the unit's current state on every calibration image, summed batch by batch."""
         context = self.context
