@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mgrq_runner.errors import ConfigError
 from mgrq_runner.recon.config import LossConfig, ReconConfig
@@ -15,7 +16,8 @@ from mgrq_runner.recon.losses.base import kl_batchmean
 from mgrq_runner.recon.losses.fisher import dplr_metric, dplr_terms, snapshot_rows
 from mgrq_runner.recon.losses.hessian import aph_loss, aph_statistic
 from mgrq_runner.recon.losses.mse import block_loss
-from mgrq_runner.recon.units import Unit
+from mgrq_runner.recon.units import Unit, fp_remainder, model_units
+from tests.recon.test_families import tiny_models
 
 N, C = 3, 4
 
@@ -187,3 +189,35 @@ def test_the_registry_names_every_distance_and_mse_is_the_block_loss() -> None:
 def test_bad_loss_settings_name_the_key(override: dict, word: str) -> None:
     with pytest.raises(ConfigError, match=word):
         LossConfig(**override)
+
+
+def test_aph_statistic_of_a_pre_layernorm_vit_is_rounding_noise() -> None:
+    # Every read of a pre-LN ViT's residual stream goes through a LayerNorm, which removes a shift of all of a
+    # token's channels: APHQ-ViT's perturbation (+-eps on every element at once) leaves the logits unchanged, so
+    # g+ - g- (~ 2 eps H 1) is zero in exact arithmetic. In float64 the Hessian's product with ones is zero to
+    # rounding beside its product with a random sign vector, and the finite difference is noise far above it.
+    fp_model, _, images = tiny_models("deit3_layerscale")
+    fp_model = fp_model.double()
+    units = model_units(fp_model)
+    with torch.no_grad():
+        output = units[0](images.double())
+        rest = fp_remainder(units, 0, pre_logits=False)
+        logits = rest(output)
+        assert (rest(output + 1.0) - logits).abs().max().item() < 1e-12 * logits.abs().max().item()
+    targets = logits + torch.randn_like(logits)  # a KL away from its minimum: its gradient is not zero
+
+    def hessian_product(direction: torch.Tensor) -> torch.Tensor:
+        point = output.clone().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernel has no double backward
+            (gradient,) = torch.autograd.grad(kl_batchmean(targets, rest(point), 20.0), point, create_graph=True)
+            return torch.autograd.grad(gradient, point, grad_outputs=direction)[0]
+
+    signs = torch.randint(0, 2, output.shape, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    along_ones, along_signs = hessian_product(torch.ones_like(output)), hessian_product(signs)
+    assert along_ones.abs().max().item() < 1e-9 * along_signs.abs().max().item()
+    statistics = {}
+    for how in ("finite_difference", "exact"):
+        losses = LossConfig(block_distance="aph", aph_hessian=how)
+        ctx = UnitContext(units[0], images, output, rest, targets, ReconConfig(), losses)
+        statistics[how] = create_block_distance("aph", ctx).hessian
+    assert statistics["finite_difference"].abs().max().item() > 1e3 * statistics["exact"].abs().max().item()

@@ -24,6 +24,7 @@ reconstructs towards (with ``method.init.mlp_relu`` the re-trained ReLU one, wit
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mgrq_runner.recon.losses.base import (
     BlockDistance,
@@ -84,8 +85,8 @@ class AveragePerturbationHessian(BlockDistance):
                 loss = kl_batchmean(logits, context.remainder(shifted), temperature)
                 return torch.autograd.grad(loss, shifted, create_graph=create_graph)[0]
 
-        if context.losses.aph_hessian == "exact":
-            with torch.enable_grad():
+        if context.losses.aph_hessian == "exact":  # fused attention kernels have no double backward: the math one
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                 point = output.detach().clone().requires_grad_(True)
                 first = gradient(point, create_graph=True)
                 (product,) = torch.autograd.grad(first, point, grad_outputs=torch.ones_like(first))
