@@ -143,3 +143,15 @@ def test_a_sweep_through_submitit_runs_and_collects(tmp_path: Path) -> None:
     assert collect([str(sweep)]) == 0
     summary = (sweep / "summary.md").read_text()
     assert "| minmax |" in summary and "from 2 runs" in summary
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [(["experiment=nope"], "experiment/nope"), (["method=nope"], "method/nope"), (["-m", "seed=0,"], "'seed=0,'")],
+)
+def test_a_command_line_hydra_refuses_exits_2_and_names_it(tmp_path: Path, arguments: list[str], named: str) -> None:
+    command = [sys.executable, "-m", "mgrq_runner.cli", *arguments, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert named in done.stdout + done.stderr
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "outputs").exists()  # nothing started

@@ -201,13 +201,55 @@ def version() -> str:
     return f"mgrq-run (mgrq-runner) {__version__}; {libraries}"
 
 
+def check_override_syntax(arguments: list[str]) -> None:
+    """Each override is valid Hydra syntax; else one line naming it and exit status 2 (Hydra's parser would name
+    a token of its grammar, not the override)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:  # a flag, or a flag's value (--cfg job)
+            continue
+        try:
+            parser.parse_overrides([argument])
+        except OverrideParseException as err:
+            reason = str(err).splitlines()[0]
+            message = (
+                f"the override {argument!r} is not valid Hydra syntax ({reason}). Fix: key=value, or key=a,b,c "
+                "for a sweep with -m (no empty value; quote values with spaces or special characters)."
+            )
+            console.console.print(f"[bold red]error:[/] {message}")
+            sys.exit(2)
+
+
+class JobStarted(Callback):
+    """Marks that Hydra composed the config and started the run or the sweep (``entry`` tells Hydra's own refusals
+    of the command line, which exit 1, from a sweep that ran and failed)."""
+
+    started = False
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        JobStarted.started = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        JobStarted.started = True
+
+
 def entry() -> None:
     """The ``mgrq-run`` command: ``--version`` answers here (Hydra's own flag would print Hydra's version), anything
-    else goes to Hydra."""
+    else goes to Hydra. A command line Hydra cannot compose (an unknown preset such as ``experiment=nope``, a bad
+    override) exits 2 like every other mistake of the user's; a sweep that ran keeps its own status."""
     if "--version" in sys.argv[1:]:
         print(version())
         return
-    main()
+    check_override_syntax(sys.argv[1:])
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not JobStarted.started:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
