@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mgrq_runner.data import build_data, create_loader, load_fashion_mnist, resolved_data_config
+from mgrq_runner.data import (
+    CLASSES_FILE,
+    build_data,
+    create_loader,
+    folder_classes,
+    load_fashion_mnist,
+    resolved_data_config,
+)
 from mgrq_runner.errors import ConfigError, DataError, ModelError
 from mgrq_runner.evaluate import evaluate
+from mgrq_runner.files import read_calibration_list
 from mgrq_runner.models import create_model, create_proxy_model
 from mgrq_runner.run import run
 from mgrq_runner.settings import DataSettings, ModelSettings
@@ -298,3 +307,31 @@ def test_a_deeper_proxy_with_its_own_checkpoint(tmp_path: Path) -> None:
     assert len(model.blocks) == 6 and torch.equal(model.blocks[5].mlp.fc2.weight, deeper.blocks[5].mlp.fc2.weight)
     with pytest.raises(ModelError, match=r"do not fit proxy_vit with \{'depth': 6\}.*Fix: model.checkpoint="):
         create_model(ModelSettings.parse(compose_config(tmp_path / "run", "model.kwargs={depth:6}").model))
+
+
+def test_the_users_text_files_are_read_strictly(tmp_path: Path) -> None:
+    # calib.list and classes.txt: a byte-order mark is dropped; a directory, a named pipe or bytes that are not
+    # UTF-8 are one DataError naming the file and what it is, never a traceback or "does not exist".
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("\ufefftrain/cat/0.png\n\ntrain/dog/1.png\n".encode())
+    assert read_calibration_list(listed) == ["train/cat/0.png", "train/dog/1.png"]
+    folder, pipe, latin = tmp_path / "folder", tmp_path / "pipe", tmp_path / "latin.txt"
+    folder.mkdir()
+    os.mkfifo(pipe)
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    for path, message in (
+        (folder, "is a directory, not a text file"),
+        (pipe, "is a named pipe, not a text file"),
+        (latin, r"is not UTF-8 text \(byte 3: b'\\xe9'\)"),
+        (tmp_path / "none.txt", "does not exist"),
+    ):
+        with pytest.raises(DataError, match=rf"calib.list {re.escape(str(path))} {message}\. Fix: "):
+            read_calibration_list(path)
+    root = _rgb_tree(tmp_path / "pets")
+    names = folder_classes(root)
+    (root / CLASSES_FILE).write_bytes(("\ufeff" + "\n".join(names) + "\n").encode())
+    assert folder_classes(root) == names  # the BOM is not part of the first class's name
+    (root / CLASSES_FILE).unlink()
+    (root / CLASSES_FILE).mkdir()
+    with pytest.raises(DataError, match="classes.txt .* is a directory, not a text file"):
+        folder_classes(root)

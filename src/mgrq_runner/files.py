@@ -1,5 +1,6 @@
 """What runs write: files replaced atomically (a crash mid-write keeps the previous one), tensors as CPU copies,
-and the checksums that tie a run dir's files to its records. No torch import: the collector uses it too."""
+and the checksums that tie a run dir's files to its records; the user's text files read strictly. No torch
+import: the collector uses it too."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,12 +69,47 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_kind(path: Path) -> str:
+    """What ``path`` is, in words: a file, a directory, a named pipe, a device, a socket, or missing."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def read_user_text(path: Path, what: str, fix: str) -> str:
+    """A text file the user gave (``what`` names it in messages): a regular file, UTF-8 (a byte-order mark is
+    dropped); anything else is one ``DataError`` naming the file, what it is, and ``fix``."""
+    kind = file_kind(path)
+    if kind != "a file":
+        state = "does not exist" if kind == "missing" else f"is {kind}, not a text file"
+        raise DataError(f"{what} {path} {state}. Fix: {fix}.")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{what} {path} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 1]!r}). Fix: {fix}, "
+            "saved as UTF-8."
+        ) from None
+
+
 def read_calibration_list(path: str | Path) -> list[str]:
     """The entries of a ``calib.list`` file: one image per line (blank lines skipped)."""
     path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise DataError(f"calib.list {path} does not exist. Fix: point calib.list at a file with one image per line.")
-    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_user_text(path, "calib.list", "point calib.list at a file with one image per line")
+    entries = [line.strip() for line in text.splitlines() if line.strip()]
     if not entries:
         raise DataError(f"calib.list {path} lists no images. Fix: one image per line (a path, or train[i]).")
     return entries
