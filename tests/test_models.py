@@ -119,3 +119,18 @@ def test_a_timm_training_checkpoint_loads_its_weights_or_its_ema(tmp_path: Path)
     torch.save(weights, tmp_path / "plain.pth")
     with pytest.raises(ModelError, match="has no state_dict_ema"):
         load_state_dict(tmp_path / "plain.pth", ema=True)
+
+
+def test_a_checkpoint_for_another_head_or_not_a_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file(create_model(ModelSettings.parse({"name": "proxy_vit", "pretrained": False})).state_dict(), str(path))
+    for name in ("proxy_vit", "deit_tiny_patch16_224.fb_in1k"):  # the proxies' loader and timm's
+        settings = {"name": name, "pretrained": False, "checkpoint": str(path), "num_classes": 5}
+        if name != "proxy_vit":
+            settings["kwargs"] = {"img_size": 28, "in_chans": 1, "patch_size": 4, "embed_dim": 96, "depth": 4}
+        with pytest.raises(ModelError, match=r"has a head of 10 classes, the model .* 5\. Fix: model.num_classes=10"):
+            create_model(ModelSettings.parse(settings))
+    with pytest.raises(ModelError, match="checkpoint /dev/zero is a device, not a weight file"):
+        load_state_dict("/dev/zero")
+    with pytest.raises(ModelError, match=r"is a directory \(it holds w.safetensors\)"):
+        load_state_dict(tmp_path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from mgrq_runner.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from mgrq_runner.errors import ModelError
+from mgrq_runner.files import file_kind
 
 if TYPE_CHECKING:
     from mgrq_runner.settings import ModelSettings
@@ -125,15 +126,35 @@ def create_proxy_model(
                 else "check model.checkpoint"
             )
             raise ModelError(f"proxy weights {weights} not found. Fix: {fix}, or set model.pretrained=false.")
+        state = load_state_dict(weights, checkpoint_ema and checkpoint is not None)
         try:
-            model.load_state_dict(load_state_dict(weights, checkpoint_ema and checkpoint is not None))
+            model.load_state_dict(state)
         except RuntimeError as err:
-            raise ModelError(
-                f"weights {weights} do not fit {name} with {overrides or 'its own settings'}: "
-                f"{str(err).splitlines()[0]}. Fix: model.checkpoint=<weights trained with those settings>, or "
-                "model.pretrained=false."
+            raise head_misfit(state, model, name, weights) or ModelError(
+                f"weights {weights} do not fit {name} with {overrides or 'its own settings'}: {first_reason(err)}. "
+                "Fix: model.checkpoint=<weights trained with those settings>, or model.pretrained=false."
             ) from err
     return model
+
+
+def first_reason(error: BaseException) -> str:
+    """The first line of a ``load_state_dict`` error that says what does not fit (torch's first line only names
+    the model class)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1]
+    return lines[0] if lines else type(error).__name__
+
+
+def head_misfit(state: dict[str, torch.Tensor], model: nn.Module, name: str, source: Path | str) -> ModelError | None:
+    """The error for weights whose classifier has another number of classes than ``model``, naming both."""
+    head, classes = state.get("head.weight"), getattr(model, "num_classes", None)
+    if isinstance(head, torch.Tensor) and head.dim() == 2 and head.shape[0] != classes:
+        return ModelError(
+            f"checkpoint {source} has a head of {head.shape[0]} classes, the model {name} {classes}. Fix: "
+            f"model.num_classes={head.shape[0]}."
+        )
+    return None
 
 
 def proxy_card(name: str = PROXY_NAME) -> dict:
@@ -157,8 +178,10 @@ def load_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
         raise ModelError(
             f"checkpoint {path} is a directory{hint}. Fix: point model.checkpoint at the weight file inside it."
         )
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist. Fix: point model.checkpoint at a weight file.")
+    kind = file_kind(path)
+    if kind != "a file":
+        state = "does not exist" if kind == "missing" else f"is {kind}, not a weight file"
+        raise ModelError(f"checkpoint {path} {state}. Fix: point model.checkpoint at a weight file.")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -309,15 +332,8 @@ def load_checkpoint(model: nn.Module, name: str, checkpoint: str, ema: bool) -> 
             return
         except (RuntimeError, KeyError, ValueError) as err:
             error = err
-    head = state.get("head.weight")
-    classes = getattr(model, "num_classes", None)
-    if isinstance(head, torch.Tensor) and head.dim() == 2 and head.shape[0] != classes:
-        raise ModelError(
-            f"checkpoint {checkpoint} has a head of {head.shape[0]} classes, the model {name} {classes}. Fix: "
-            f"model.num_classes={head.shape[0]}."
-        ) from error
-    raise ModelError(
-        f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}. Fix: use the checkpoint of "
+    raise head_misfit(state, model, name, checkpoint) or ModelError(
+        f"checkpoint {checkpoint} does not fit {name}: {first_reason(error)}. Fix: use the checkpoint of "
         "that exact architecture, with model.num_classes (and model.img_size, model.kwargs) as it was trained."
     ) from error
 
