@@ -127,6 +127,8 @@ def test_a_run_records_its_method_preset_defaults(tmp_path: Path) -> None:
         "init.mlp_relu": False,
         "init.softmax_quantizer": "log_sqrt2",
         "recon.rounding": "adaround",
+        "recon.weight_schedule": "constant",
+        "loss.block_distance": "mse",
     }
     glfq = run_fields(parse_settings(compose_config(tmp_path / "glfq", "method=glfq")))["method_defaults"]
     assert (glfq["init.reparam"], glfq["init.rotation"], glfq["recon.rounding"]) == (False, "hadamard", "ste")

@@ -21,6 +21,8 @@ SWITCH_KEYS = {
     "init.mlp_relu": "mlp_relu",
     "init.softmax_quantizer": "softmax",
     "recon.rounding": "rounding",
+    "recon.weight_schedule": "schedule",
+    "loss.block_distance": "distance",
 }
 LABEL_KEYS = ("loss.global_weight", "loss.local_weight", "recon.quant_prob", *SWITCH_KEYS)
 

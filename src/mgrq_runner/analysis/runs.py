@@ -130,7 +130,8 @@ def method_label(
         parts.append(f"p={compact(quant_prob)}")
     for key, short in SWITCH_KEYS.items():
         value = (switches or {}).get(key)
-        if value is not None and value != defaults.get(key, value):
+        preset = defaults.get(key, preset_values(method).get(key, value))  # a switch newer than the record: today's
+        if value is not None and value != preset:
             parts.append(f"{short}={str(value).lower() if isinstance(value, bool) else value}")
     return f"{method} ({', '.join(parts)})" if parts else method
 
