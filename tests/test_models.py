@@ -1,6 +1,7 @@
 """Model creation: presets, unknown names, offline weights, safe checkpoint loading."""
 
 import argparse
+import json
 import pickle
 from pathlib import Path
 
@@ -134,3 +135,20 @@ def test_a_checkpoint_for_another_head_or_not_a_file_is_named(tmp_path: Path) ->
         load_state_dict("/dev/zero")
     with pytest.raises(ModelError, match=r"is a directory \(it holds w.safetensors\)"):
         load_state_dict(tmp_path)
+
+
+def test_a_local_dir_model_with_a_pickle_is_refused_without_blaming_the_network(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    args = {"img_size": 32, "patch_size": 8, "depth": 1}
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"architecture": "deit_tiny_patch16_224", "num_classes": 10, "model_args": args, "pretrained_cfg": {}}
+        )
+    )
+    torch.save({"weight": Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError) as refused:
+        create_model(model_cfg(f"local-dir:{folder}", pretrained=True))
+    message = str(refused.value)
+    assert f"could not load local-dir:{folder}" in message and "pickled objects are refused" in message
+    assert "network" not in message

@@ -297,6 +297,12 @@ def create_model(model: ModelSettings) -> torch.nn.Module:
             "model.num_classes and model.img_size."
         ) from err
     except Exception as err:  # hub and network failures come in many types
+        if name.startswith("local-dir:"):  # a folder on this machine: no network involved
+            raise ModelError(
+                f"could not load {name} ({type(err).__name__}: {first_reason(err)}). Fix: the folder must hold "
+                "timm's config.json and model.safetensors (or a pytorch_model.bin of plain tensors: pickled objects "
+                "are refused), or pass model.checkpoint=/path/to/weights.safetensors."
+            ) from err
         raise ModelError(
             f"could not load pretrained weights for {name} ({type(err).__name__}). Fix: download them where "
             f"there is a network (timm.create_model('{name}', pretrained=True) fills the Hugging Face cache, "
