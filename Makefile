@@ -8,7 +8,7 @@ PORT ?= 5000
 
 .PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
 	train-proxy-swin clean mlflow-ui \
-	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-framework proxy-loss-grid optuna-loss
+	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-framework proxy-leaders proxy-loss-grid optuna-loss
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -99,6 +99,13 @@ proxy-table: setup ## every method on both proxies (ViT: W4A4/W3A3/W2A4, Swin: W
 	$(call experiment,proxy_table,)
 	$(call experiment,proxy_swin_table,)
 	$(VENV)/bin/mgrq-collect $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots
+
+proxy-leaders: setup ## fimaq, aphq, pdquant and glfq (cosine weight lr) on both proxies x 3 seeds (CPU, hours), into docs/proxy/leaders
+	$(VENV)/bin/mgrq-run experiment=proxy_leaders hydra.sweep.dir=$(EXP)/proxy_leaders/main $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_leaders hydra.sweep.dir=$(EXP)/proxy_leaders/glfq_cosine \
+		method=glfq method.recon.weight_schedule=cosine $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_leaders_swin hydra.sweep.dir=$(EXP)/proxy_leaders_swin/main $(ARGS)
+	$(VENV)/bin/mgrq-collect $(EXP)/proxy_leaders $(EXP)/proxy_leaders_swin --out docs/proxy/leaders
 
 proxy-framework: setup ## glfq, its ablations, mgrq_glfq, mgrq_brecq on both proxies x 3 seeds (CPU, many hours), into docs/proxy/framework
 	$(VENV)/bin/mgrq-run experiment=proxy_framework hydra.sweep.dir=$(EXP)/proxy_framework/main $(ARGS)

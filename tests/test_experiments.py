@@ -75,12 +75,17 @@ def test_proxy_experiments() -> None:
     assert overridden.method.recon.weight_lr == 0.05
     for experiment in ("proxy_table", "proxy_swin_table"):  # a table keeps the thread count fixed
         assert _compose(f"experiment={experiment}").threads == 1
+    for experiment, model in (("proxy_leaders", "proxy_vit"), ("proxy_leaders_swin", "proxy_swin")):
+        leaders = [job_summary(experiment, job) for job in expand(experiment)]
+        assert len(leaders) == 18 and len(set(leaders)) == 18 and {job[0] for job in leaders} == {model}
+        assert {job[1] for job in leaders} == {"fimaq", "aphq", "pdquant"}
     grid = [job_summary("proxy_loss_grid", job) for job in expand("proxy_loss_grid")]
     assert len(grid) == 9 and all(job[:4] == ("proxy_vit", "mgrq", 3, 3) for job in grid)
 
 
 def test_every_experiment_is_a_multirun_and_a_user_override_wins() -> None:
     experiments = ("table_w4a4", "table_w3a3", "table_w6a6", "ablation", "loss_grid", "proxy_table", "proxy_swin_table")
+    experiments += ("proxy_leaders", "proxy_leaders_swin")
     for experiment in experiments:
         assert str(_compose(f"experiment={experiment}", hydra=True).hydra.mode) == "RunMode.MULTIRUN"
     # A sweep narrowed on the command line, as the Makefile and the slow test do it.

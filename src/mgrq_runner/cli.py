@@ -244,10 +244,12 @@ def entry() -> None:
         print(version())
         return
     check_override_syntax(sys.argv[1:])
+    from mgrq_runner import cli  # Hydra's callback sets the flag there (under python -m this file is __main__)
+
     try:
         main()
     except SystemExit as exit_:
-        if exit_.code == 1 and not JobStarted.started:
+        if exit_.code == 1 and not cli.JobStarted.started:
             sys.exit(2)
         raise
 

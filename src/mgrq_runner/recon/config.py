@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 LOCAL_POINTS = ("qkv", "proj", "fc1", "fc2", "attn_probs", "attn_v")
 LOCAL_TARGET_DTYPES = ("float32", "bfloat16")
 WEIGHT_SCHEDULES = ("constant", "cosine")
-APH_FORMS = ("released", "current")  # APHQ-ViT's loss as its published numbers were made, or as its code is now
+APH_FORMS = ("released", "current")  # APHQ-ViT's loss in its first public release, or as its code is now
 APH_HESSIANS = ("finite_difference", "exact")
 
 

@@ -11,7 +11,7 @@ the finite difference, whose 1e-6 shift sits near float32's resolution.
 
 Loss, ``method.loss.aph_form``:
 
-- ``released`` (the code the published numbers were made with): ``H~ = H / mean(H)``,
+- ``released`` (the first public release, whose README already held the published table): ``H~ = H / mean(H)``,
   ``L = sum over dim 1 of (z_hat - z)^2 H~, averaged over the other dims, / 10``; the head's KL raw;
 - ``current`` (the repository's code since 2025-03-31): ``L = mean((z_hat - z)^2 H)``, divided by its value on
   the unit's first mini-batch and doubled; the head's KL likewise.
