@@ -14,7 +14,7 @@ from mgrq_runner.recon.config import LossConfig, ReconConfig
 from mgrq_runner.recon.losses import BLOCK_DISTANCES, UnitContext, create_block_distance
 from mgrq_runner.recon.losses.base import kl_batchmean
 from mgrq_runner.recon.losses.fisher import dplr_metric, dplr_terms, snapshot_rows
-from mgrq_runner.recon.losses.hessian import aph_loss, aph_statistic
+from mgrq_runner.recon.losses.hessian import aph_loss, aph_statistic, aph_weights
 from mgrq_runner.recon.losses.mse import block_loss
 from mgrq_runner.recon.units import Unit, fp_remainder, model_units
 from tests.recon.test_families import tiny_models
@@ -139,14 +139,16 @@ def test_aph_statistic_a1() -> None:
 
 def test_aph_loss_a2_both_forms() -> None:
     hessian, errors = aph_statistic(a1_differences()), a2_errors()
-    assert aph_loss(errors, torch.zeros_like(errors), hessian, "current").item() == pytest.approx(0.625)
-    assert aph_loss(errors, torch.zeros_like(errors), hessian, "released").item() == pytest.approx(0.225)
+    for form, expected in (("current", 0.625), ("released", 0.225)):
+        assert aph_loss(errors, torch.zeros_like(errors), aph_weights(hessian, form), form).item() == pytest.approx(
+            expected
+        )
 
 
 def test_aph_current_form_is_normalised_on_the_first_batch() -> None:
     losses = LossConfig(block_distance="aph", aph_form="current")
     distance = create_block_distance("aph", context(LossConfig(block_distance="aph")))  # a head: no statistic
-    distance.hessian, distance.form = aph_statistic(a1_differences()), losses.aph_form
+    distance.weights, distance.form = aph_weights(aph_statistic(a1_differences()), "current"), losses.aph_form
     errors = a2_errors()
     assert distance(errors, torch.zeros_like(errors)).item() == pytest.approx(2.0)
     assert distance(errors / 2, torch.zeros_like(errors)).item() == pytest.approx(0.5)

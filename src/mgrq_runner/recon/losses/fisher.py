@@ -92,7 +92,8 @@ class DplrFisher(BlockDistance):
         context = self.context
         assert context.remainder is not None and context.logits is not None
         temperature = context.losses.statistic_temperature
-        gradient_sum = error_sum = None
+        gradient_sum: torch.Tensor | float = 0.0
+        error_sum: torch.Tensor | float = 0.0
         for rows in batch_slices(context.x_fp.shape[0], context.recon.batch_size):
             with torch.no_grad():
                 output = context.unit(context.x_fp[rows])
@@ -101,12 +102,10 @@ class DplrFisher(BlockDistance):
                 loss = kl_batchmean(context.logits[rows], context.remainder(output), temperature)
                 (gradient,) = torch.autograd.grad(loss, output)
             g, delta = snapshot_rows(gradient, output.detach(), context.target[rows])
-            count = output.shape[0]
-            gradient_sum = g * count if gradient_sum is None else gradient_sum + g * count
-            error_sum = delta * count if error_sum is None else error_sum + delta * count
-        assert gradient_sum is not None and error_sum is not None
+            gradient_sum = gradient_sum + g * output.shape[0]
+            error_sum = error_sum + delta * output.shape[0]
         images = context.x_fp.shape[0]
-        return gradient_sum / images, error_sum / images
+        return gradient_sum / images, error_sum / images  # type: ignore[return-value]
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.context.is_head:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mgrq_runner.errors import ConfigError
+from mgrq_runner.recon.losses.base import kl_batchmean
 from mgrq_runner.recon.losses.mse import block_loss
 
 GLOBAL_DISTANCES = ("kl", "mse_logits", "mse_feature")
@@ -20,9 +21,7 @@ def global_loss(output: torch.Tensor, target: torch.Tensor, distance: str, tempe
     ``kl`` is ``T^2 * KL(softmax(z / T) || softmax(z_hat / T))``, batch-averaged.
     """
     if distance == "kl":
-        log_p = F.log_softmax(target / temperature, dim=-1)
-        log_q = F.log_softmax(output / temperature, dim=-1)
-        return temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        return temperature**2 * kl_batchmean(target, output, temperature)
     if distance in ("mse_logits", "mse_feature"):
         return block_loss(output, target)
     raise ConfigError(f"method.loss.global_distance={distance!r} is unknown. Fix: one of {GLOBAL_DISTANCES}.")

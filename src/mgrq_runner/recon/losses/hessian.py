@@ -42,12 +42,16 @@ def aph_statistic(differences: torch.Tensor) -> torch.Tensor:
     return differences.abs().mean(0, keepdim=True)
 
 
-def aph_loss(output: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor, form: str) -> torch.Tensor:
-    """The weighted squared error of a mini-batch, before ``current``'s first-value normalisation."""
-    squared = (output - target).square()
-    if form == "released":
-        return (squared * (hessian / hessian.mean())).sum(1).mean() / 10
-    return (squared * hessian).mean()
+def aph_weights(hessian: torch.Tensor, form: str) -> torch.Tensor:
+    """What the squared error is multiplied by: ``H`` (``current``), or ``H`` scaled to mean 1 (``released``)."""
+    return hessian / hessian.mean() if form == "released" else hessian
+
+
+def aph_loss(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, form: str) -> torch.Tensor:
+    """The weighted squared error of a mini-batch (``weights`` from ``aph_weights``), before ``current``'s
+    first-value normalisation."""
+    weighted = (output - target).square() * weights
+    return weighted.sum(1).mean() / 10 if form == "released" else weighted.mean()
 
 
 @register_block_distance
@@ -61,18 +65,17 @@ class AveragePerturbationHessian(BlockDistance):
         super().__init__(context)
         self.form = context.losses.aph_form
         self.hessian = None if context.is_head else self.statistic()
+        self.weights = None if self.hessian is None else aph_weights(self.hessian, self.form)  # once, not per step
         self.initial: float | None = None  # ``current``: the first mini-batch's value
 
     def statistic(self) -> torch.Tensor:
         """``H`` on every calibration image, batch by batch (``recon.batch_size`` images per KL batch mean)."""
         context = self.context
-        total = None
+        total: torch.Tensor | float = 0.0
         for rows in batch_slices(context.target.shape[0], context.recon.batch_size):
             difference = self._difference(context.target[rows], context.logits[rows])  # type: ignore[index]
-            part = aph_statistic(difference) * difference.shape[0]
-            total = part if total is None else total + part
-        assert total is not None
-        return total / context.target.shape[0]
+            total = total + aph_statistic(difference) * difference.shape[0]
+        return total / context.target.shape[0]  # type: ignore[return-value]
 
     def _difference(self, output: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``g+ - g-`` of one batch (``exact``: ``2 eps`` times the Hessian-vector product with ones)."""
@@ -96,10 +99,10 @@ class AveragePerturbationHessian(BlockDistance):
         return plus - minus
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.hessian is None:  # the head
+        if self.weights is None:  # the head
             value = kl_batchmean(target, output)
         else:
-            value = aph_loss(output, target, self.hessian, self.form)
+            value = aph_loss(output, target, self.weights, self.form)
         if self.form == "released":
             return value
         if self.initial is None:
