@@ -53,7 +53,10 @@ def main() -> None:
     device = torch.device("cpu")
     results = ResultsFile(out / "results.json", {})
     fp_model, bundle = pipeline.build(settings, results, device)
-    calibrated, images = pipeline.quantize_and_calibrate(fp_model, bundle, settings, results, device)
+    models = {"fp": fp_model}
+    images = pipeline.load_calibration(bundle, settings, results, device)
+    pipeline.calibrated_model(models, images, settings, results)
+    fp_model, calibrated = pipeline.teacher(models), models["quant"]
     for parameter in [*fp_model.parameters(), *calibrated.parameters()]:
         parameter.requires_grad_(False)
 

@@ -16,10 +16,10 @@ from mgrq_runner.data import create_loader, load_fashion_mnist
 from mgrq_runner.devices import claim_gpu
 from mgrq_runner.distributed import DistributedEvalError, evaluate_distributed, shard_ranges
 from mgrq_runner.errors import ConfigError, NumericalError
-from mgrq_runner.evaluate import evaluate
 from mgrq_runner.models import create_proxy_model
 from mgrq_runner.quant.api import QuantConfig, quantize_
 from mgrq_runner.quant.calibrate import InitConfig, calibrate
+from mgrq_runner.scoring import evaluate
 from tests.conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
 
 

@@ -28,10 +28,10 @@ from mgrq_runner.data import (
     resolved_data_config,
 )
 from mgrq_runner.errors import ConfigError, DataError, ModelError
-from mgrq_runner.evaluate import evaluate
 from mgrq_runner.files import read_calibration_list
 from mgrq_runner.models import create_model, create_proxy_model
 from mgrq_runner.run import run
+from mgrq_runner.scoring import evaluate
 from mgrq_runner.settings import DataSettings, ModelSettings
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 

@@ -429,6 +429,11 @@ def build_data(
     split (ImageNet val, Fashion-MNIST test, a folder's val/); ``heldout`` on ``data.heldout_size`` train images
     outside the calibration set (for tuning loss weights).
     """
+    if data.name == "in_memory":
+        raise ConfigError(
+            "data=in_memory is the Python API's (mgrq_runner.quantize is handed its images); mgrq-run has no files "
+            "to read there. Fix: data=imagenet, data=folder or data=fashion_mnist."
+        )
     heldout = data.eval_split == "heldout"
     class_names = None
     if data.name == "fashion_mnist":

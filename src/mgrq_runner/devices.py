@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,16 @@ def set_threads(requested: int | None, concurrent_jobs: int) -> int:
     torch.set_num_threads(threads)
     warn_if_cpu_busy(threads)
     return threads
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's default generators (the CPU's and ``device``'s) seeded with ``seed`` inside the block and restored
+    to the caller's states after it. The quantizers' QDrop masks draw from them: seeded here, a reconstruction
+    gives the same result whatever ran before it in the process (the CLI's model and data build, a notebook)."""
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def seed_everything(seed: int) -> None:

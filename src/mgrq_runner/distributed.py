@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Subset
 from mgrq_runner.console import track
 from mgrq_runner.data import create_loader
 from mgrq_runner.errors import ConfigError, MgrqError
-from mgrq_runner.evaluate import EvalResult, evaluate
+from mgrq_runner.scoring import EvalResult, evaluate
 from mgrq_runner.settings import JobSettings
 
 log = logging.getLogger(__name__)

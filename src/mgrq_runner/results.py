@@ -33,7 +33,7 @@ from mgrq_runner.rundir import RESULTS, results_path
 if TYPE_CHECKING:
     import torch
 
-    from mgrq_runner.evaluate import EvalResult
+    from mgrq_runner.scoring import EvalResult
     from mgrq_runner.settings import EvalSettings, RunSettings
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The pipeline: named stages strung together by ``run(cfg)``; the Hydra CLI only calls it.
 
-    mode=run:  build -> quantize_and_calibrate (with the FP transform) -> reconstruct (or project) -> export -> score
+    mode=run:  build -> load_calibration -> quantize_model (transform, quantize, calibrate, reconstruct or project)
+               -> export -> score
     mode=eval: load_export ----------------------------------------------------------> score
 
 ``run`` parses the composed config once (``settings.parse_settings``); every stage takes the job's settings
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,15 +130,14 @@ def _pipeline(
     models: Models = {"fp": fp_model.to(device)}
     method = settings.method
     if method.quant is not None:
-        models["quant"], images = quantize_and_calibrate(models, bundle, settings, results_file, device)
+        images = load_calibration(bundle, settings, results_file, device)
+        quantize_model(models, images, settings, results_file, state, on_step)
         if settings.dry_run:
-            projection_stage(models, images, settings, results_file)
             return {"fp_model": models["fp"], "quant_model": models["quant"], "data": bundle}
-        if method.reconstructs:
-            reconstruct_stage(models, images, settings, results_file, state, on_step)
         if settings.export:  # before evaluation: a failure there still leaves the export
             with results_file.stage("export"):
-                export_stage(models["quant"], images, bundle, settings, results_file)
+                exported = export_model(models["quant"], images, bundle.identity, settings, settings.run_dir)
+            results_file.update(export=exported)
     elif settings.export:
         log.warning("export=true: method %s does not quantize, nothing to export", method.name)
     score(models, bundle, settings, results_file, device)
@@ -160,20 +161,42 @@ def build(settings: RunSettings, results_file: ResultsFile, device: torch.device
     return fp_model, bundle
 
 
-def quantize_and_calibrate(
-    models: Models, bundle: DataBundle, settings: RunSettings, results_file: ResultsFile, device: torch.device
-) -> tuple[torch.nn.Module, torch.Tensor]:
-    """Stages ``load_calibration``, ``transform`` (when the method rotates the FP model or re-trains its MLPs:
-    the transformed FP model joins ``models`` as ``fp_transformed``), ``quantize``, ``calibrate``: the calibrated
-    quantized model and the calibration images (on the device). A ``dry_run``'s transform swaps the MLPs'
-    activations without re-training them: the projection times the reconstruction of that structure."""
-    method, calib, show = settings.method, settings.calib, settings.progress
-    assert method.quant is not None and method.init is not None
+def load_calibration(
+    bundle: DataBundle, settings: RunSettings, results_file: ResultsFile, device: torch.device
+) -> torch.Tensor:
+    """Stage ``load_calibration``: the calibration images, on the device; their identifiers listed in the run dir."""
     write_text_atomic(settings.run_dir / CALIBRATION_LIST, "\n".join(bundle.calibration_ids) + "\n")
-    calib_loader = create_loader(bundle.calibration, calib.batch_size, settings.data.workers)
+    calib_loader = create_loader(bundle.calibration, settings.calib.batch_size, settings.data.workers)
     with results_file.stage("load_calibration"):
-        images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", show)])
-        images = images.to(device)
+        images = torch.cat([batch[0] for batch in track(calib_loader, len(calib_loader), "load", settings.progress)])
+        return images.to(device)
+
+
+def quantize_model(
+    models: Models,
+    images: torch.Tensor,
+    settings: RunSettings,
+    results_file: ResultsFile,
+    state: ReconState | None = None,
+    on_step: StepCallback | None = None,
+) -> None:
+    """The method on ``models["fp"]`` and the calibration ``images``: ``calibrated_model``, then stage
+    ``reconstruct`` (or, with ``dry_run``, ``projection``). The CLI's pipeline and the Python API
+    (``mgrq_runner.quantize``) both call it, so the two cannot drift."""
+    calibrated_model(models, images, settings, results_file)
+    if settings.dry_run:
+        projection_stage(models, images, settings, results_file)
+    elif settings.method.reconstructs:
+        reconstruct_stage(models, images, settings, results_file, state, on_step)
+
+
+def calibrated_model(models: Models, images: torch.Tensor, settings: RunSettings, results_file: ResultsFile) -> None:
+    """Stages ``transform`` (when the method rotates the FP model or re-trains its MLPs: the transformed FP model
+    joins ``models`` as ``fp_transformed``), ``quantize`` and ``calibrate``: the calibrated model joins ``models``
+    as ``quant``. A ``dry_run``'s transform swaps the MLPs' activations without re-training them: the projection
+    times the reconstruction of that structure."""
+    method, show = settings.method, settings.progress
+    assert method.quant is not None and method.init is not None
     if transforms_requested(method):  # ReLU MLPs re-trained, a rotation: on a copy, recorded in fp_transform
         with results_file.stage("transform"):
             models["fp_transformed"] = transformed = copy.deepcopy(models["fp"])
@@ -181,11 +204,12 @@ def quantize_and_calibrate(
             results_file.update(fp_transform=apply_fp_transforms(transformed, images, method, settings.seed, dry_run))
             transformed.eval()
     with results_file.stage("quantize"):
-        quant_model = quantize_(copy.deepcopy(teacher(models)), method.quant)
-    batches = images.split(calib.batch_size)
+        models["quant"] = quantize_(copy.deepcopy(teacher(models)), method.quant)
+    batches = images.split(settings.calib.batch_size)
     with results_file.stage("calibrate"):
-        calibrate(quant_model, track(batches, len(batches), "calibrate", show), len(batches), method.init, device)
-    return quant_model, images
+        calibrate(
+            models["quant"], track(batches, len(batches), "calibrate", show), len(batches), method.init, images.device
+        )
 
 
 def teacher(models: Models) -> torch.nn.Module:
@@ -231,18 +255,19 @@ def projection_stage(models: Models, images: torch.Tensor, settings: RunSettings
     print_projection(projection)
 
 
-def export_stage(
-    model: torch.nn.Module, images: torch.Tensor, bundle: DataBundle, settings: RunSettings, results_file: ResultsFile
-) -> None:
-    """Stage ``export``: the integer codes (safetensors) and, with ``export=onnx``, ``model.onnx`` first (the
-    manifest records it, and the data the model was calibrated on: ``mode=eval`` checks its classes)."""
-    info = {**export_info(settings), "data_identity": bundle.identity}
+def export_model(
+    model: torch.nn.Module, sample: torch.Tensor, data_identity: dict[str, Any], settings: RunSettings, directory: Path
+) -> dict[str, Any]:
+    """Stage ``export`` (and ``QuantizedModel.export``): the integer codes (safetensors) into ``directory`` and,
+    with ``export=onnx``, ``model.onnx`` first, traced on two ``sample`` images (the manifest records it, and the
+    data the model was calibrated on: ``mode=eval`` checks its classes). Returns what was written."""
+    info = {**export_info(settings), "data_identity": data_identity}
     if settings.export_onnx:
-        info["onnx"] = export_onnx(model, settings.run_dir, images[:2], settings.onnx_int8_weights)
-    exported = export_quantized(model, settings.run_dir, info)
+        info["onnx"] = export_onnx(model, directory, sample[:2], settings.onnx_int8_weights)
+    exported = export_quantized(model, directory, info)
     if "onnx" in info:
         exported["onnx"] = info["onnx"]
-    results_file.update(export=exported)
+    return exported
 
 
 # ---------------------------------------------------------------------------------------------- both modes

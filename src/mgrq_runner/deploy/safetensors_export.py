@@ -20,6 +20,7 @@ an integrity check, not a signature: whoever rewrites the files can recompute it
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -328,15 +329,17 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, run_dir: Path) -> N
         raise _mismatch(run_dir, f"{key}: saved shape {list(value.shape)}, model has {got}")
 
 
-def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration."""
+def load_quantized(
+    run_dir: str | Path, device: str | torch.device = "cpu", architecture: nn.Module | None = None
+) -> nn.Module:
+    """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration, on
+    the manifest's model (built by name) or on a copy of ``architecture`` (an FP model of that architecture)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     tensors = _read_tensors(run_dir, manifest["weights_sha256"])
     model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
-    model = quantize_(
-        rebuild_structure(create_model(model_settings), manifest), QuantConfig(**manifest["quant_config"])
-    )
+    fp_model = create_model(model_settings) if architecture is None else copy.deepcopy(architecture).cpu().eval()
+    model = quantize_(rebuild_structure(fp_model, manifest), QuantConfig(**manifest["quant_config"]))
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
     if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
         raise _mismatch(run_dir, "its quantized layers differ from the manifest's")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mgrq_runner.devices import seeded_rng
 from mgrq_runner.quant.api import quant_layers
 from mgrq_runner.recon.cache import batched, fp_outputs
 from mgrq_runner.recon.config import LossConfig, ReconConfig
@@ -54,7 +55,8 @@ def reconstruct(
         images: calibration images, already on the device.
         recon: optimisation settings.
         losses: loss settings; zero weights switch terms off.
-        seed: seed of the mini-batch sampling.
+        seed: seed of the mini-batch sampling and of the QDrop masks (``seeded_rng``: the result depends on the
+            seed and the inputs, not on what the caller drew before, and the caller's RNG state is kept).
         on_step: called every 10 steps and at a unit's last step (progress, loss curves).
         state: where every finished unit is saved; the units it already holds (an interrupted run's) are loaded
             instead of optimised, and the RNG states saved after the last of them are restored.
@@ -62,43 +64,44 @@ def reconstruct(
     Returns:
         One report per unit: final loss terms, convergence and wall time.
     """
-    quant_units, fp_units = model_units(quant_model), model_units(fp_model)
-    for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
-        parameter.requires_grad_(False)  # only AdaRound variables and step sizes learn, one unit at a time
-    generator = torch.Generator(device=images.device).manual_seed(seed)  # draws on the device: no copies
-    supervision = Supervision.create(fp_units, images, recon, losses)
+    with seeded_rng(seed, images.device):
+        quant_units, fp_units = model_units(quant_model), model_units(fp_model)
+        for parameter in [*fp_model.parameters(), *quant_model.parameters()]:
+            parameter.requires_grad_(False)  # only AdaRound variables and step sizes learn, one unit at a time
+        generator = torch.Generator(device=images.device).manual_seed(seed)  # draws on the device: no copies
+        supervision = Supervision.create(fp_units, images, recon, losses)
 
-    x_q, x_fp = images, images
-    reports = []
-    finished = len(state.units) if state is not None else 0
-    for index, unit in enumerate(quant_units):
-        start = time.perf_counter()
-        restored = index < finished
-        final: dict[str, float] = {}
-        seconds = None
-        if restored or not any(True for _ in quant_layers(unit.module)):
-            output, _ = fp_outputs(unit, x_fp, [], recon.batch_size)
-            if restored:
-                assert state is not None
-                seconds, final = _restore_unit(unit, index, state, recon, generator)
-        else:
-            optimizer = UnitOptimizer.for_unit(unit, index, x_fp, supervision)
-            output = optimizer.targets.output
-            final = _optimize(optimizer, x_q, x_fp, generator, on_step)
-        for _, layer in quant_layers(unit.module):
-            layer.freeze()
-        x_q, x_fp = batched(unit, x_q, recon.batch_size), output
-        reports.append(UnitReport(unit.name, time.perf_counter() - start if seconds is None else seconds, final))
-        if state is not None and not restored:
-            state.save(index, unit.name, unit.module, reports[-1].seconds, final, generator)
-        log.info(
-            "unit %s%s: %s (%.1fs)",
-            unit.name,
-            " (restored)" if restored else "",
-            {k: round(v, 5) for k, v in final.items()},
-            reports[-1].seconds,
-        )
-    return reports
+        x_q, x_fp = images, images
+        reports = []
+        finished = len(state.units) if state is not None else 0
+        for index, unit in enumerate(quant_units):
+            start = time.perf_counter()
+            restored = index < finished
+            final: dict[str, float] = {}
+            seconds = None
+            if restored or not any(True for _ in quant_layers(unit.module)):
+                output, _ = fp_outputs(unit, x_fp, [], recon.batch_size)
+                if restored:
+                    assert state is not None
+                    seconds, final = _restore_unit(unit, index, state, recon, generator)
+            else:
+                optimizer = UnitOptimizer.for_unit(unit, index, x_fp, supervision)
+                output = optimizer.targets.output
+                final = _optimize(optimizer, x_q, x_fp, generator, on_step)
+            for _, layer in quant_layers(unit.module):
+                layer.freeze()
+            x_q, x_fp = batched(unit, x_q, recon.batch_size), output
+            reports.append(UnitReport(unit.name, time.perf_counter() - start if seconds is None else seconds, final))
+            if state is not None and not restored:
+                state.save(index, unit.name, unit.module, reports[-1].seconds, final, generator)
+            log.info(
+                "unit %s%s: %s (%.1fs)",
+                unit.name,
+                " (restored)" if restored else "",
+                {k: round(v, 5) for k, v in final.items()},
+                reports[-1].seconds,
+            )
+        return reports
 
 
 def _optimize(
