@@ -91,6 +91,19 @@ def test_export_and_load_score_the_same(tmp_path: Path) -> None:
         mgrq_runner.load(tmp_path / "export")
 
 
+def test_signed_export_through_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MGRQ_API_KEY", "0123456789abcdef0123456789abcdef")
+    model = tiny_vit()
+    quantized = mgrq_runner.quantize(model, images(), "qdrop", 4, 4, overrides=FAST)
+    quantized.export(tmp_path / "signed", sign_key_env="MGRQ_API_KEY")
+    quantized.export(tmp_path / "unsigned")
+    reloaded = mgrq_runner.load(tmp_path / "signed", model, sign_key_env="MGRQ_API_KEY")
+    with torch.no_grad():
+        assert torch.equal(reloaded(images(4)), quantized.eval()(images(4)))
+    with pytest.raises(ModelError, match="is not signed"):
+        mgrq_runner.load(tmp_path / "unsigned", model, sign_key_env="MGRQ_API_KEY")
+
+
 @pytest.mark.parametrize(
     ("call", "error", "words"),
     [

@@ -273,3 +273,38 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     (corrupt / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="cannot be read"):
         load_quantized(corrupt)
+
+
+@needs_fashion_mnist
+def test_signed_exports(exported, tmp_path, monkeypatch) -> None:
+    """sign_key_env: an export signed with the key is scored; with a key set, an unsigned export, one signed with
+    another key, and a forgery whose every checksum and digest were recomputed are refused."""
+    if exported["name"] != "repq":
+        pytest.skip("one method is enough")
+    monkeypatch.setenv("MGRQ_TEST_KEY", "a shared secret of enough length 0123456789")
+    signed = tmp_path / "signed"
+    run(compose_config(signed, *SMOKE, *METHODS["repq"], "sign_key_env=MGRQ_TEST_KEY"))
+    manifest = json.loads((signed / EXPORT_MANIFEST).read_text())
+    assert manifest["signature"]["algorithm"] == "hmac-sha256"
+    assert "a shared secret" not in (signed / EXPORT_MANIFEST).read_text() + (signed / "results.json").read_text()
+    checked = ("debug=smoke", "mode=eval", "sign_key_env=MGRQ_TEST_KEY")
+    results, _ = run(compose_config(tmp_path / "eval_signed", *checked, f"checkpoint={signed}"))
+    assert results["status"] == "done" and results["top1"] == exported["results"]["top1"]
+    with pytest.raises(ModelError, match="is not signed, and sign_key_env asks"):
+        run(compose_config(tmp_path / "eval_unsigned", *checked, f"checkpoint={exported['run_dir']}"))
+
+    forged = tmp_path / "forged"
+    shutil.copytree(signed, forged)
+    manifest["method"] = "mgrq"  # a claim changed, the digest recomputed: only the signature can tell
+    manifest["digest"] = manifest_digest(manifest)
+    (forged / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="not signed with this key"):
+        run(compose_config(tmp_path / "eval_forged", *checked, f"checkpoint={forged}"))
+    load_quantized(forged)  # without a key the digest is all there is: the forgery passes (docs/deploy.md)
+
+    monkeypatch.setenv("MGRQ_TEST_KEY", "another key")
+    with pytest.raises(ModelError, match="not signed with this key"):
+        run(compose_config(tmp_path / "eval_other_key", *checked, f"checkpoint={signed}"))
+    monkeypatch.delenv("MGRQ_TEST_KEY")
+    with pytest.raises(ConfigError, match="MGRQ_TEST_KEY is not set or empty"):
+        run(compose_config(tmp_path / "eval_no_key", *checked, f"checkpoint={signed}"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,19 @@ def test_the_users_text_files_are_read_strictly(tmp_path: Path) -> None:
     (root / CLASSES_FILE).mkdir()
     with pytest.raises(DataError, match="classes.txt .* is a directory, not a text file"):
         folder_classes(root)
+
+
+@needs_fashion_mnist
+def test_labels_in_another_order_are_said(fmnist_tree: Path, tmp_path: Path) -> None:
+    """A classes.txt in another order than the model's classes completes, but results.json and the log say that
+    the FP model scores no better than chance; the right order says nothing."""
+    tree = tmp_path / "tree"
+    shutil.copytree(fmnist_tree, tree)
+    names = (tree / CLASSES_FILE).read_text().split()
+    (tree / CLASSES_FILE).write_text("\n".join(names[1:] + names[:1]) + "\n")  # every label shifted by one
+    folder = ("method=fp", "data=folder", "data.workers=0", "data.num_eval=200")
+    shifted, _ = run(compose_config(tmp_path / "shifted", *folder, f"data.root={tree}"))
+    assert shifted["status"] == "done" and shifted["fp_top1"] <= 10.0
+    assert "no better than chance (10.00 % for 10 classes)" in shifted["warnings"][0]
+    right, _ = run(compose_config(tmp_path / "right", *folder, f"data.root={fmnist_tree}"))
+    assert right["fp_top1"] > 50.0 and "warnings" not in right

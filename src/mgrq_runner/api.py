@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mgrq_runner.deploy.safetensors_export import load_quantized
+from mgrq_runner.deploy.signing import signing_key
 from mgrq_runner.devices import resolve_device
 from mgrq_runner.errors import ConfigError, DataError, ModelError
 from mgrq_runner.models import unsupported_part
@@ -64,16 +65,17 @@ class QuantizedModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def export(self, directory: str | Path, onnx: bool = False) -> dict[str, Any]:
+    def export(self, directory: str | Path, onnx: bool = False, sign_key_env: str | None = None) -> dict[str, Any]:
         """Writes ``quantized_model.safetensors`` (integer weight codes) and its manifest ``quantized_model.json``
         into ``directory``; with ``onnx``, ``model.onnx`` too (needs ``pip install 'mgrq-runner[deploy]'``).
         ``mgrq_runner.load`` and ``mgrq-run mode=eval checkpoint=<directory>`` read it. Returns what was written
-        (files, sizes)."""
+        (files, sizes). ``sign_key_env=NAME`` signs the manifest with the key in environment variable NAME
+        (docs/deploy.md)."""
         if onnx:
             require_deploy()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        settings = replace(self._settings, export=True, export_onnx=onnx)
+        settings = replace(self._settings, export=True, export_onnx=onnx, sign_key_env=sign_key_env)
         return export_model(self.model, self._sample, self.record["data_identity"], settings, directory)
 
 
@@ -131,15 +133,22 @@ def quantize(
     return QuantizedModel(models["quant"], record, settings, images[:2].to(target))
 
 
-def load(directory: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load(
+    directory: str | Path,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    sign_key_env: str | None = None,
+) -> nn.Module:
     """The model a run exported into ``directory`` (``QuantizedModel.export``, or ``mgrq-run export=true``), in
     eval mode. Every file is checked against the manifest's digests and bit widths before use.
 
     Args:
         model: an FP model of the exported architecture (any weights; not modified), rebuilt on. None: built from
             the manifest's model name (a timm architecture or a shipped proxy, with its default arguments).
+        sign_key_env: the environment variable holding the key the export must be signed with (docs/deploy.md).
     """
-    return load_quantized(directory, device, architecture=model)
+    key = signing_key(sign_key_env) if sign_key_env is not None else None
+    return load_quantized(directory, device, architecture=model, key=key)
 
 
 def evaluate(model: nn.Module, data: Any, device: str | torch.device | None = None) -> dict[str, float]:

@@ -70,6 +70,7 @@ class Results(TypedDict, total=False):
     # progress
     status: str  # running | done | failed | interrupted | projected (dry_run=true)
     error: str  # failed: the error's type and message
+    warnings: list[str]  # said about a completed run: an FP model at or below chance (labels in another order?)
     times: dict[str, float]  # seconds per stage
     resumable: dict[str, Any]  # while reconstructing: finished units and their state dir
     resumed_units: list[str]  # a resumed run: the units restored from an interrupted one

@@ -264,7 +264,7 @@ def export_model(
     info = {**export_info(settings), "data_identity": data_identity}
     if settings.export_onnx:
         info["onnx"] = export_onnx(model, directory, sample[:2], settings.onnx_int8_weights)
-    exported = export_quantized(model, directory, info)
+    exported = export_quantized(model, directory, info, settings.signing_key())
     if "onnx" in info:
         exported["onnx"] = info["onnx"]
     return exported
@@ -283,6 +283,23 @@ def score(
     results_file.update(**score_fields(scores))
     final, fp = list(scores.values())[-1], scores.get("fp")
     log.info("top-1 %.2f%s", final.top1, f" (FP {fp.top1:.2f}), agreement {final.agreement:.4f}" if fp else "")
+    warning = chance_warning(fp.top1 if fp is not None else final.top1, bundle.num_classes, fp is not None)
+    if warning is not None:
+        log.warning(warning)
+        results_file.update(warnings=[warning])
+
+
+def chance_warning(top1: float, num_classes: int, is_fp: bool) -> str | None:
+    """A model that scores no better than chance on a data set of its own classes most likely reads the labels in
+    another order (a permuted classes.txt, renamed class folders): said, though the run completes."""
+    chance = 100.0 / max(num_classes, 1)
+    if num_classes < 2 or top1 > chance:
+        return None
+    return (
+        f"the {'FP' if is_fp else 'exported'} model scores {top1:.2f} % top-1, no better than chance ({chance:.2f} % "
+        f"for {num_classes} classes): the labels are likely not in the model's class order. Fix: check classes.txt "
+        "(or the class folders' names) against the order the model was trained with."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- mode=eval
@@ -290,7 +307,7 @@ def score(
 
 def _eval_job(settings: EvalSettings) -> Outcome:
     """``mode=eval``: evaluates the model exported in ``checkpoint`` on the current config's data."""
-    manifest = read_manifest(settings.checkpoint)
+    manifest = read_manifest(settings.checkpoint, settings.signing_key())
     check_export_model(manifest, settings.checkpoint, settings.model.name)
     results_file = ResultsFile(results_path(settings.run_dir), eval_fields(settings, manifest))
     num_calib = int(manifest["num_calib"])
@@ -316,7 +333,7 @@ def load_export(
     """Stage ``load_checkpoint``: the exported model, and the models to score: that one (``quant``), or with
     ``eval.runtime=onnxruntime`` the FP model, the simulation and ``model.onnx`` under onnxruntime."""
     with results_file.stage("load_checkpoint"):
-        model = load_quantized(settings.checkpoint, device)
+        model = load_quantized(settings.checkpoint, device, key=settings.signing_key())
         if settings.eval.runtime != "onnxruntime":
             return model, {"quant": model}
         models, onnx_record = onnxruntime_models(model, manifest, settings.checkpoint, device)

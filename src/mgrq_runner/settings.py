@@ -258,6 +258,13 @@ class JobSettings:
     config: Mapping[str, Any]  # the resolved config as results.json records it (plus calib.list_sha256)
     logger: LoggerSettings = LoggerSettings()  # experiment tracking (logger=)
     resume: bool = False  # continue the run in ``run_dir`` (mode=run only)
+    sign_key_env: str | None = None  # the environment variable holding the export signing key (deploy.signing)
+
+    def signing_key(self) -> bytes | None:
+        """The key in ``sign_key_env`` (None when unset): signs an export, or is required of the one evaluated."""
+        from mgrq_runner.deploy.signing import signing_key
+
+        return signing_key(self.sign_key_env) if self.sign_key_env is not None else None
 
     def in_run_dir(self, run_dir: Path) -> Self:
         """The same settings writing into ``run_dir`` (a resumed run's), its record saying so."""
@@ -316,10 +323,22 @@ def parse_settings(cfg: DictConfig) -> RunSettings | EvalSettings:
         "data": DataSettings.parse(config["data"]),
         "eval": evaluation,
         "logger": LoggerSettings.parse(config.get("logger"), sweep_dir(hydra_cfg)),
+        "sign_key_env": _sign_key_env(config),
     }
     if mode == "eval":
         return _eval_job(config, common)
     return _run_job(config, common, export)
+
+
+def _sign_key_env(config: dict[str, Any]) -> str | None:
+    """``sign_key_env``: the variable's name, its key checked now (set, not empty), before any work."""
+    name = config.get("sign_key_env")
+    if name is None:
+        return None
+    from mgrq_runner.deploy.signing import signing_key
+
+    signing_key(str(name))
+    return str(name)
 
 
 def _run_job(config: dict[str, Any], common: dict[str, Any], export: bool | str) -> RunSettings:

@@ -16,6 +16,7 @@ The export is one checked unit: the manifest holds the SHA-256 of every file it 
 and its own ``digest`` over all of its fields, so no field or file can change without the reader seeing it; every
 field is then cross-checked against the others and against the tensors (bits, grids, codes, shapes). The digest is
 an integrity check, not a signature: whoever rewrites the files can recompute it, and the cross-checks still apply.
+``sign_key_env=NAME`` adds a keyed signature (``signing``), which a forger without the key cannot make.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mgrq_runner.deploy.signing import check_signature, signature
 from mgrq_runner.errors import ConfigError, ModelError
 from mgrq_runner.files import cpu_copy, file_sha256, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
@@ -127,7 +129,9 @@ def size_figures(model: nn.Module, layers: dict[str, Any], file_bytes: int) -> d
     }
 
 
-def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+def export_quantized(
+    model: nn.Module, run_dir: str | Path, info: dict[str, Any], key: bytes | None = None
+) -> dict[str, Any]:
     """Writes ``quantized_model.safetensors`` and ``quantized_model.json`` for ``model`` into ``run_dir``.
 
     Args:
@@ -135,6 +139,7 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
         run_dir: the run directory.
         info: manifest fields describing the run: ``model`` (the resolved model config), ``quant_config``
             (QuantConfig fields), ``method``, ``versions`` and any others to record.
+        key: signs the manifest (``signing``: an HMAC of its digest) when given.
 
     Returns:
         What results.json records: the paths and the size figures.
@@ -170,14 +175,16 @@ def export_quantized(model: nn.Module, run_dir: str | Path, info: dict[str, Any]
     }
     manifest = json.loads(json.dumps(manifest, default=str))  # as it will read back
     manifest["digest"] = manifest_digest(manifest)
+    if key is not None:
+        manifest["signature"] = signature(manifest["digest"], key)
     manifest_path = run_dir / EXPORT_MANIFEST
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
-    """SHA-256 of every field of the manifest but ``digest`` itself, keys sorted."""
-    fields = {key: value for key, value in manifest.items() if key != "digest"}
+    """SHA-256 of every field of the manifest but ``digest`` and ``signature`` (made from it), keys sorted."""
+    fields = {key: value for key, value in manifest.items() if key not in ("digest", "signature")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -190,8 +197,9 @@ def check_export_model(manifest: dict[str, Any], checkpoint: Path, name: str) ->
         )
 
 
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an exported run, checked; raises ConfigError / ModelError naming the fix."""
+def read_manifest(run_dir: str | Path, key: bytes | None = None) -> dict[str, Any]:
+    """The manifest of an exported run, checked (and its signature, when a ``key`` is given); raises ConfigError /
+    ModelError naming the fix."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(
@@ -222,6 +230,8 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
             f"{path} was changed after it was written (its fields do not match its digest). Fix: re-export the run "
             "with export=true."
         )
+    if key is not None:
+        check_signature(manifest, key, path)
     check_fields(manifest, path)
     return manifest
 
@@ -330,12 +340,16 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, run_dir: Path) -> N
 
 
 def load_quantized(
-    run_dir: str | Path, device: str | torch.device = "cpu", architecture: nn.Module | None = None
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    architecture: nn.Module | None = None,
+    key: bytes | None = None,
 ) -> nn.Module:
     """Rebuilds an exported run's fake-quantized model (eval mode, frozen weights) without any calibration, on
-    the manifest's model (built by name) or on a copy of ``architecture`` (an FP model of that architecture)."""
+    the manifest's model (built by name) or on a copy of ``architecture`` (an FP model of that architecture); with a
+    ``key``, only a manifest signed with it is accepted."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir, key)
     tensors = _read_tensors(run_dir, manifest["weights_sha256"])
     model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
     fp_model = create_model(model_settings) if architecture is None else copy.deepcopy(architecture).cpu().eval()
