@@ -73,6 +73,16 @@ def test_proxy_experiments() -> None:
     assert swin_lr == {"w4a4": 3e-2, "w3a3": 1e-1}
     overridden = _compose("experiment=proxy_swin_table", "quant=w3a3", "method=mgrq", "model.recon_weight_lr=0.05")
     assert overridden.method.recon.weight_lr == 0.05
+    # The proxy ViT's own budget is per setting (the default job's W4A4: 600 at 4e-2; else 1000 at 3e-2); its
+    # tables pin 1000 at 3e-2 at every setting, the budget they were collected at; the command line still wins.
+    def budget(*overrides: str) -> tuple[int, float]:
+        recon = _compose(*overrides).method.recon
+        return recon.iters, recon.weight_lr
+
+    assert budget() == (600, 4e-2) and budget("quant=w3a3") == budget("quant=w2a4") == (1000, 3e-2)
+    for experiment in ("proxy_table", "proxy_leaders", "proxy_framework"):
+        assert budget(f"experiment={experiment}", "quant=w4a4", "method=qdrop") == (1000, 3e-2)
+    assert budget("model.recon_iters=700") == (700, 4e-2) and budget("model=proxy_swin") == (1000, 3e-2)
     for experiment in ("proxy_table", "proxy_swin_table"):  # a table keeps the thread count fixed
         assert _compose(f"experiment={experiment}").threads == 1
     for experiment, model in (("proxy_leaders", "proxy_vit"), ("proxy_leaders_swin", "proxy_swin")):
