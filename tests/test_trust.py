@@ -21,7 +21,7 @@ from mgrq_runner.errors import ConfigError, DataError, DiskFullError
 from mgrq_runner.recon.state import MANIFEST
 from mgrq_runner.run import run
 from mgrq_runner.rundir import CALIBRATION_LIST, EXPORT_WEIGHTS, LOCK, RECON_CURVES, RECON_STATE
-from tests.conftest import compose_config, needs_fashion_mnist
+from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 from tests.test_resume import small_cfg, stop_at
 
 SMOKE = ("debug=smoke", "data.num_eval=100", "method=minmax")  # Fashion-MNIST, seconds
@@ -74,6 +74,8 @@ def test_a_done_run_is_not_returned_for_another_question(tmp_path: Path) -> None
         run(compose_config(tmp_path, *SMOKE, "resume=true", "data.eval_split=heldout", "data.heldout_size=100"))
     with pytest.raises(ConfigError, match=r"another question \(export: False -> True\)"):
         run(compose_config(tmp_path, *SMOKE, "resume=true", "export=true"))
+    with pytest.raises(ConfigError, match=rf"another question \(data.root: {FASHION_MNIST_ROOT} -> /elsewhere\)"):
+        run(compose_config(tmp_path, *SMOKE, "resume=true", "data.root=/elsewhere"))
     assert (tmp_path / "results.json").read_text() == before
     results, _ = run(compose_config(tmp_path, *SMOKE, "resume=true"))  # the same question: its old answer
     assert json.dumps(results, indent=2) + "\n" == before

@@ -102,9 +102,8 @@ def quantize(
         w_bits, a_bits: weight and activation bits (``quant.w_bits``, ``quant.a_bits``).
         overrides: more CLI overrides, ``["model.recon_iters=2000", "method.loss.global_weight=0.5"]`` or the same
             as a mapping.
-        seed: the CLI's ``seed``: the reconstruction's mini-batches and QDrop masks.
-        device: the CLI's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
-        progress: rich progress bars on the console.
+        seed, device, progress: the CLI's ``seed`` (mini-batches, QDrop masks), ``device`` (``auto``, ``cpu``,
+            ``cuda``, ``cuda:N``) and ``progress`` (rich progress bars on the console).
         run_dir: a new directory for the run's ``results.json`` and ``recon_curves.json``; None keeps nothing on
             disk (the record is ``QuantizedModel.record``).
 
@@ -124,8 +123,7 @@ def quantize(
         with failure_recorded(results_file):
             target = resolve_device(settings.device)
             models = {"fp": fp_model.to(target)}
-            preprocessing = {"input_size": tuple(images.shape[1:])}
-            results_file.update(**model_fields(fp_model, preprocessing, target))
+            results_file.update(**model_fields(fp_model, {"input_size": tuple(images.shape[1:])}, target))
             quantize_model(models, images.to(target), settings, results_file)
             finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             results_file.update(status="done", finished=finished, num_calib=len(images))

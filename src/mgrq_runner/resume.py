@@ -56,10 +56,11 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Pat
 
 
 def evaluation_question(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's final scores answer besides its model: the split, its size and the export asked for."""
+    """What a run's final scores answer besides its model: the data tree, the split, its size, the export."""
     data = config["data"]
     heldout = data.get("eval_split", "val") == "heldout"
     return {
+        "data.root": data.get("root"),  # another image tree is another evaluation set (a moved copy: mode=eval)
         "data.eval_split": data.get("eval_split", "val"),
         "data.heldout_size": data.get("heldout_size") if heldout else None,
         "data.num_eval": data.get("num_eval"),

@@ -149,8 +149,7 @@ def export_quantized(
     weights_path = run_dir / EXPORT_WEIGHTS
 
     def write(tmp: Path) -> None:
-        # one metadata key: safetensors writes the metadata map in an order that changes from call to call, so
-        # two keys made the same export's bytes (and checksum) differ between runs; the version is the manifest's
+        # one metadata key: two keys made an export's bytes (and checksum) change from run to run (map order)
         save_file(tensors, str(tmp), metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
         tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
 
