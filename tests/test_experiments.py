@@ -73,6 +73,7 @@ def test_proxy_experiments() -> None:
     assert swin_lr == {"w4a4": 3e-2, "w3a3": 1e-1}
     overridden = _compose("experiment=proxy_swin_table", "quant=w3a3", "method=mgrq", "model.recon_weight_lr=0.05")
     assert overridden.method.recon.weight_lr == 0.05
+
     # The proxy ViT's own budget is per setting (the default job's W4A4: 600 at 4e-2; else 1000 at 3e-2); its
     # tables pin 1000 at 3e-2 at every setting, the budget they were collected at; the command line still wins.
     def budget(*overrides: str) -> tuple[int, float]:
