@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 run: setup ## run the embedded default job (proxy ViT, Fashion-MNIST, W4A4, CPU); extra overrides in ARGS=
 	$(VENV)/bin/mgrq-run $(ARGS)
 
-test: setup ## the fast test suite (under 10 minutes on 2 cores)
+test: setup ## the fast test suite (about 15 minutes on 2 cores, the wheel check included)
 	$(PY) -m pytest -q
 
 test-all: setup ## every test, the slow ones too

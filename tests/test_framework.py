@@ -4,14 +4,17 @@ convergence report, the export reloaded with the rotated / ReLU structure (torch
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from mgrq_runner.data import load_fashion_mnist
-from mgrq_runner.deploy.safetensors_export import load_quantized, read_manifest
+from mgrq_runner.deploy.safetensors_export import load_quantized, manifest_digest, read_manifest
+from mgrq_runner.errors import ModelError
 from mgrq_runner.run import run
+from mgrq_runner.rundir import EXPORT_MANIFEST
 from mgrq_runner.transforms.rotation import RMSNorm
 from tests.conftest import FASHION_MNIST_ROOT, compose_config, needs_fashion_mnist
 from tests.test_resume import stop_at
@@ -71,6 +74,20 @@ def test_the_export_reloads_with_the_transformed_structure(glfq_run, tmp_path) -
         )
     )
     assert onnx["agreement_with_simulation"] >= 0.99
+
+
+def test_a_flipped_structure_flag_is_refused(glfq_run, tmp_path) -> None:
+    """The manifest's mlp_relu flag flipped and its digest recomputed: the weights file records the structure it
+    was written with, so the export no longer loads (GELU in the simulation against ReLU in model.onnx before)."""
+    run_dir, _, _ = glfq_run
+    flipped = tmp_path / "flipped"
+    shutil.copytree(run_dir, flipped)
+    manifest = json.loads((flipped / EXPORT_MANIFEST).read_text())
+    manifest["mlp_relu"] = False
+    manifest["digest"] = manifest_digest(manifest)
+    (flipped / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"structure .*\"mlp_relu\": false.* is not the weights file's"):
+        load_quantized(flipped)
 
 
 def test_an_interrupted_glfq_run_resumes_to_the_same_model(glfq_run, tmp_path) -> None:

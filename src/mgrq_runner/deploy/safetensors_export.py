@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,6 +51,7 @@ from mgrq_runner.transforms.rotation import ROTATIONS
 
 FORMAT = "mgrq-quantized"
 FORMAT_VERSION = 2  # 2: the manifest digest, required file checksums, data identity
+STRUCTURE = "; structure "  # the weights file's metadata: the format, then the FP transforms' structure flags
 MANIFEST_KEYS = ("model", "method", "w_bits", "a_bits", "quant_config", "num_calib", "layers", "activation_quantizers")
 MB = 1e6  # sizes are in MB of 10**6 bytes
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
@@ -150,7 +151,7 @@ def export_quantized(
 
     def write(tmp: Path) -> None:
         # one metadata key: two keys made an export's bytes (and checksum) change from run to run (map order)
-        save_file(tensors, str(tmp), metadata={"format": f"{FORMAT} {FORMAT_VERSION}"})
+        save_file(tensors, str(tmp), metadata={"format": f"{FORMAT} {FORMAT_VERSION}{STRUCTURE}{_structure(info)}"})
         tmp.chmod(0o644)  # safetensors writes 0600; the run dir's other files are world-readable
 
     write_atomic(weights_path, write)
@@ -179,6 +180,23 @@ def export_quantized(
     manifest_path = run_dir / EXPORT_MANIFEST
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return {"weights": str(weights_path), "manifest": str(manifest_path), **sizes}
+
+
+def _structure(description: dict[str, Any]) -> str:
+    """The FP transforms' structure an export was made with (what ``rebuild_structure`` reads from the manifest),
+    as the weights file's metadata also records it: a manifest whose flag was flipped no longer matches."""
+    flags = {"rotation": description.get("rotation", "none"), "mlp_relu": bool(description.get("mlp_relu", False))}
+    return json.dumps(flags, sort_keys=True)
+
+
+def _check_structure(path: Path, manifest: dict[str, Any], run_dir: Path) -> None:
+    """The manifest's structure flags are the ones the weights file was written with (an export made before the
+    file recorded them has nothing to compare: only its digest covers the flags)."""
+    with safe_open(str(path), "pt") as weights:
+        recorded = (weights.metadata() or {}).get("format", "")
+    written = recorded.split(STRUCTURE, 1)[1] if STRUCTURE in recorded else None
+    if written is not None and written != _structure(manifest):
+        raise _mismatch(run_dir, f"the manifest's structure {_structure(manifest)} is not the weights file's {written}")
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -350,6 +368,7 @@ def load_quantized(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, key)
     tensors = _read_tensors(run_dir, manifest["weights_sha256"])
+    _check_structure(run_dir / EXPORT_WEIGHTS, manifest, run_dir)
     model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
     fp_model = create_model(model_settings) if architecture is None else copy.deepcopy(architecture).cpu().eval()
     model = quantize_(rebuild_structure(fp_model, manifest), QuantConfig(**manifest["quant_config"]))
