@@ -226,3 +226,33 @@ def test_an_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
     assert job.returncode == 2 and "Traceback" not in stdout + stderr
     text = " ".join(stderr.split())  # the console wraps long lines
     assert "cannot be written (Not a directory)" in text and "Fix: hydra.run.dir=" in text
+
+
+def test_two_sweeps_in_one_sweep_dir_count_their_own_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sweeps share a sweep dir (each in its own process, so each with its own MGRQ_SWEEP_ID): job 0 fails in
+    the first and is done in the second. Each sweep's end counts its own records: the first exits 1, the second
+    does not (before, job 0's records were one file and the later one hid the failure)."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from mgrq_runner.cli import SWEEP_ID, SweepFailures, SweepJob
+
+    monkeypatch.delenv(SWEEP_ID, raising=False)  # restored to unset after the test
+    hydra_cfg = SimpleNamespace(
+        mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir=str(tmp_path)), job=SimpleNamespace(num=0)
+    )
+    config = SimpleNamespace(hydra=hydra_cfg)
+    SweepFailures().on_multirun_start(config)
+    first_id = os.environ[SWEEP_ID]
+    SweepFailures().on_multirun_start(config)
+    assert os.environ[SWEEP_ID] != first_id, "every sweep gets its own id"
+    monkeypatch.setenv(SWEEP_ID, "first")
+    SweepJob(hydra_cfg, str(tmp_path / "0")).record("failed", "refused")
+    monkeypatch.setenv(SWEEP_ID, "second")
+    SweepJob(hydra_cfg, str(tmp_path / "0")).record("done")
+    SweepFailures().on_multirun_end(config)  # the second sweep: its one job is done
+    monkeypatch.setenv(SWEEP_ID, "first")
+    with pytest.raises(SystemExit) as ended:
+        SweepFailures().on_multirun_end(config)
+    assert ended.value.code == 1

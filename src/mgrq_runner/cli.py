@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,14 +86,23 @@ class HydraFiles:
                 log.error("could not restore %s: %s", self.folder, err)
 
 
+SWEEP_ID = "MGRQ_SWEEP_ID"  # set by SweepFailures for the sweep's jobs (launcher workers inherit the environment)
+
+
+def sweep_records(sweep_dir: str) -> Path:
+    """Where this sweep's jobs record what they did: ``<sweep dir>/.sweep_jobs/<sweep id>/``. Keyed by the sweep,
+    so that two sweeps sharing a sweep dir (at once, or one after the other) count only their own jobs."""
+    return Path(sweep_dir) / SWEEP_JOBS / os.environ.get(SWEEP_ID, "unnamed")
+
+
 class SweepJob:
-    """In a sweep, what this job did in it: ``<sweep dir>/.sweep_jobs/<job number>.json`` says ``started`` when the
-    job begins and its outcome when it ends, so that ``SweepFailures`` counts a job by this sweep's attempt, not by
-    a results.json an earlier sweep left in the same place (a refused job keeps that one). Outside a sweep: nothing."""
+    """In a sweep, what this job did in it: ``sweep_records(...)/<job number>.json`` says ``started`` when the job
+    begins and its outcome when it ends, so that ``SweepFailures`` counts a job by this sweep's attempt, not by a
+    results.json an earlier sweep left in the same place (a refused job keeps that one). Outside a sweep: nothing."""
 
     def __init__(self, hydra_cfg: DictConfig, run_dir: str) -> None:
         in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-        self.path = Path(str(hydra_cfg.sweep.dir)) / SWEEP_JOBS / f"{hydra_cfg.job.num}.json" if in_sweep else None
+        self.path = sweep_records(str(hydra_cfg.sweep.dir)) / f"{hydra_cfg.job.num}.json" if in_sweep else None
         self.run_dir = run_dir
 
     def record(self, status: str, error: str | None = None) -> None:
@@ -175,17 +185,19 @@ class SweepFailures(Callback):
     killed before it could say (``SweepJob``'s records; each job's results.json says more)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        shutil.rmtree(Path(str(config.hydra.sweep.dir)) / SWEEP_JOBS, ignore_errors=True)  # an earlier sweep's
+        os.environ[SWEEP_ID] = uuid.uuid4().hex  # this sweep's records, apart from any other sweep's in the dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        records = sweep_records(str(config.hydra.sweep.dir))
         failed = []
-        for path in sorted((Path(str(config.hydra.sweep.dir)) / SWEEP_JOBS).glob("*.json"), key=lambda p: p.stem):
+        for path in sorted(records.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
             try:
                 record = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 record = {"status": "unreadable", "run_dir": path}
             if record.get("status") not in ("done", "projected"):
                 failed.append(f"{record.get('run_dir')} ({record.get('status')})")
+        shutil.rmtree(records, ignore_errors=True)  # counted: a later sweep in this dir has records of its own
         if failed:
             log.error("%d job(s) of the sweep did not finish: %s", len(failed), "; ".join(failed))
             sys.exit(1)

@@ -26,7 +26,7 @@ EXPORT_WEIGHTS = "quantized_model.safetensors"  # integer weight codes, quantize
 EXPORT_MANIFEST = "quantized_model.json"  # what the export holds: bits, method, versions, sizes
 ONNX_FILE = "model.onnx"  # export=onnx: the model with QuantizeLinear/DequantizeLinear (deploy.onnx_export)
 LOCK = ".lock"  # held (flock) while a run is active: the pid and start time of its owner
-SWEEP_JOBS = ".sweep_jobs"  # in a sweep dir: one file per job, what it did in this sweep (cli.SweepJob)
+SWEEP_JOBS = ".sweep_jobs"  # in a sweep dir: <sweep id>/<job number>.json, what each job did (cli.SweepJob)
 TRACKING_RUN = "tracking_run.json"  # logger=mlflow: the store, experiment and run id this run logs to (tracking)
 TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: the run's event files
 
