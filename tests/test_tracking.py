@@ -24,7 +24,7 @@ from mgrq_runner.recon.curves import LossCurves, StepCallback
 from mgrq_runner.run import run
 from mgrq_runner.rundir import RECON_CURVES, TENSORBOARD_DIR, TRACKING_RUN
 from mgrq_runner.settings import LoggerSettings, parse_settings
-from mgrq_runner.tracking import curve_points, final_metrics, flat_params, key_name
+from mgrq_runner.tracking import check_writable_store, curve_points, final_metrics, flat_params, key_name, shown
 from tests.conftest import compose_config, needs_fashion_mnist
 
 needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="pip install -e '.[tracking]'")
@@ -412,3 +412,30 @@ def test_tensorboard_event_files_hold_scores_and_curves(tmp_path: Path) -> None:
         assert [e.step for e in points] == STEPS
         assert [e.value for e in points] == pytest.approx(curve["block"], rel=1e-6)
     assert {"config/text_summary", "status/text_summary"} <= set(events.Tags()["tensors"])
+
+
+@needs_mlflow
+def test_tracking_uris_are_checked_before_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malformed URI and an http URI without a host are one ConfigError at parse time (before, the malformed one
+    was a traceback from the code that shows a URI); a SQLite store MLflow could not write is one line at once
+    (SQLite found a read-only folder out after about 105 s of MLflow's retries). os.access is patched: as root,
+    every folder is writable."""
+    for uri, words in (
+        ("http://[::1", "is malformed"),
+        ("http://host:port", "is malformed"),
+        ("http://", "names no host"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^logger.tracking_uri: the tracking URI {words}"):
+            LoggerSettings.parse({"name": "mlflow", "tracking_uri": uri}, None)
+    assert shown("http://user:secret@[::1") == "http://user:***@[::1"
+    store = tmp_path / "read_only" / "mlflow.db"
+    store.parent.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != store.parent)
+    with pytest.raises(ConfigError, match=r"cannot be used \(the folder .*read_only cannot be written\)"):
+        check_writable_store(store, "sqlite")
+    store.write_text("")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != store)
+    with pytest.raises(ConfigError, match=r"mlflow.db is not a writable file"):
+        check_writable_store(store, "sqlite")
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    check_writable_store(store, "sqlite")  # writable: nothing said

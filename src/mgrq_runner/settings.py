@@ -221,7 +221,25 @@ class LoggerSettings:
             uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
         if uri is None:  # sqlite:// and an absolute path: sqlite:////<path>
             uri, source = f"sqlite:///{(Path.cwd() / MLFLOW_STORE).absolute()}", "the default store"
+        _check_tracking_uri(str(uri), source)
         return cls(name, uri, source, logger.get("experiment"), sweep)
+
+
+def _check_tracking_uri(uri: str, source: str) -> None:
+    """A tracking URI that can be parsed, and an http(s) one with a host: one line before any work, not MLflow's
+    traceback (or minutes of its retries) later."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - parsing the port is what finds a bad one
+    except ValueError as err:
+        raise ConfigError(
+            f"{source}: the tracking URI is malformed ({err}). Fix: e.g. logger.tracking_uri=http://host:5000 or "
+            "sqlite:////abs/path/mlflow.db, or logger=none."
+        ) from None
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError(f"{source}: the tracking URI names no host. Fix: logger.tracking_uri=http://<host>:<port>.")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -155,6 +156,8 @@ class MlflowTracker(Tracker):
                 f"logger=mlflow cannot import mlflow ({err}). Fix: {TRACKING_HINT}, or logger=none."
             ) from None
         store = sqlite_path(self.uri)
+        if store is not None:
+            check_writable_store(store, f"{shown(self.uri)} ({self.settings.logger.uri_source})")
         try:
             if store is not None:  # SQLite makes the file, not its folder
                 store.parent.mkdir(parents=True, exist_ok=True)
@@ -526,6 +529,23 @@ def probe(uri: str, source: str, timeout: float = PROBE_SECONDS) -> None:
         ) from None
 
 
+def check_writable_store(store: Path, named: str) -> None:
+    """A SQLite store MLflow can write: the file, when it exists, and the folder SQLite writes its journal in (or
+    the nearest existing one, where the folder will be made). SQLite finds a read-only one out only after MLflow's
+    retries (about 105 s)."""
+    folder = next(p for p in store.parents if p.exists())  # the root always exists
+    if store.exists() and (not store.is_file() or not os.access(store, os.W_OK)):
+        problem = f"{store} is not a writable file"
+    elif not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"the folder {folder} cannot be written"
+    else:
+        return
+    raise ConfigError(
+        f"logger=mlflow: the tracking store {named} cannot be used ({problem}). Fix: "
+        "logger.tracking_uri=sqlite:////<a writable folder>/mlflow.db, or logger=none."
+    )
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///<path>`` URI (absolute with four slashes), or None."""
     if not uri.startswith("sqlite:///"):
@@ -542,8 +562,12 @@ def artifact_location(uri: str) -> str | None:
 
 
 def shown(uri: str) -> str:
-    """The URI without a password it may hold (``user:***@host``)."""
-    parts = urllib.parse.urlsplit(uri)
+    """The URI without a password it may hold (``user:***@host``); a URI that cannot be parsed loses anything
+    between ``:`` and ``@``."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return re.sub(r"//([^/:@]*):[^/@]*@", r"//\1:***@", uri)
     if parts.password is None:
         return uri
     host = parts.netloc.rsplit("@", 1)[-1]
