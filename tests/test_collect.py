@@ -226,13 +226,19 @@ def test_plot_errors(tmp_path: Path) -> None:
 
 def test_cli(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
+    out.mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    for name in ("summary.md", "runs.csv", "top1_vs_bits.png"):  # links planted where the collector writes
+        (out / name).symlink_to(target)
     cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(runs), "--out", str(out), "--plots"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert parse_markdown(proc.stdout) == parse_markdown((out / "summary.md").read_text())
     assert "## W4A4" in proc.stdout
     for name in ("summary.md", "summary.csv", "runs.csv", "top1_vs_bits.png", "loss_grid.png", "recon_curves.png"):
-        assert (out / name).stat().st_size > 0, name
+        assert (out / name).stat().st_size > 0 and not (out / name).is_symlink(), name
+    assert target.read_text() == "keep me\n", "the links were replaced, not written through"
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -14,6 +14,7 @@ from typing import Any
 
 from mgrq_runner.analysis.runs import FP_LABEL, RunRow
 from mgrq_runner.analysis.tables import mean_std, method_key, model_key, setting_key
+from mgrq_runner.files import write_atomic
 from mgrq_runner.rundir import RECON_CURVES
 
 TERM_ORDER = ["block", "global", "local", "rounding"]
@@ -39,7 +40,7 @@ def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
     _pyplot().close(fig)
     return path
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mgrq_runner.files import write_atomic
 from mgrq_runner.presets import SWITCH_KEYS, preset_values
 from mgrq_runner.results import UnreadableResults, read_results, unconverged_units
 from mgrq_runner.rundir import RESULTS, held
@@ -238,17 +239,27 @@ def load_runs(paths: Iterable[str | Path]) -> list[RunRow]:
     return [row for row in rows if row.status != "projected"]
 
 
+def write_csv_atomic(path: Path, rows: Iterable[Sequence[Any]]) -> None:
+    """CSV rows written onto ``path`` whole (``files.write_atomic``: a link there is replaced, never written
+    through; a failed write leaves the previous file)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    write_atomic(path, write)
+
+
 def write_runs_csv(records: Iterable[RunRow], path: Path) -> None:
     """One run a line. ``unconverged_units`` is empty for a run without reconstruction, "none" when every unit
     converged."""
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        columns = (*RUNS_CSV_COLUMNS, *EXTRA_COLUMNS)
-        writer.writerow(columns)
-        for r in records:
-            row = {**vars(r), "seconds": round(r.seconds, 3)}
-            row["unconverged_units"] = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
-            writer.writerow("" if row[c] is None else row[c] for c in columns)
+    columns = (*RUNS_CSV_COLUMNS, *EXTRA_COLUMNS)
+    lines = [columns]
+    for r in records:
+        row = {**vars(r), "seconds": round(r.seconds, 3)}
+        row["unconverged_units"] = "" if r.unconverged is None else " ".join(r.unconverged) or "none"
+        lines.append(tuple("" if row[c] is None else row[c] for c in columns))
+    write_csv_atomic(path, lines)
 
 
 # A label with arguments: "mgrq (λG=0, λL=1)", "mgrq (λG=0, λL=1, p=1)", "qdrop (p=0.75)", "glfq (rotation=none)".

@@ -7,7 +7,6 @@ papers' ImageNet numbers are added as ``(published)`` rows where the setting and
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import statistics
@@ -15,9 +14,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mgrq_runner.analysis.published import PUBLISHED
-from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write_runs_csv
+from mgrq_runner.analysis.runs import FP_LABEL, RUNS_CSV, UNKNOWN, RunRow, write_csv_atomic, write_runs_csv
+from mgrq_runner.files import write_text_atomic
 from mgrq_runner.results import HARDENING_JUMP_LIMIT, STE_PLATEAU, UNDECIDED_LIMIT
 from mgrq_runner.rundir import RESULTS
 
@@ -275,15 +276,13 @@ def write_summary(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "summary.md", out / "summary.csv", out / RUNS_CSV]
-    paths[0].write_text(header + ("\n" if header else "") + summary_markdown(records, timing))
-
-    with paths[1].open("w", newline="") as f:
-        writer = csv.writer(f)
-        for i, table in enumerate(build_tables(records, timing)):
-            if i:
-                writer.writerow([])
-            writer.writerow(["setting", *table.header])
-            writer.writerows([table.setting, label, *cells, seconds] for label, cells, seconds in table.rows)
+    write_text_atomic(paths[0], header + ("\n" if header else "") + summary_markdown(records, timing))
+    rows: list[list[Any]] = []
+    for i, table in enumerate(build_tables(records, timing)):
+        rows += [[]] if i else []
+        rows.append(["setting", *table.header])
+        rows += [[table.setting, label, *cells, seconds] for label, cells, seconds in table.rows]
+    write_csv_atomic(paths[1], rows)
 
     write_runs_csv(sorted(records, key=_run_key), paths[2])
     if timing is not None:
