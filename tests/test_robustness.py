@@ -256,3 +256,22 @@ def test_two_sweeps_in_one_sweep_dir_count_their_own_jobs(tmp_path: Path, monkey
     with pytest.raises(SystemExit) as ended:
         SweepFailures().on_multirun_end(config)
     assert ended.value.code == 1
+
+
+@pytest.mark.parametrize("planted", [".hydra/config.yaml", "cli.log", ".hydra"])
+def test_links_where_hydra_writes_are_refused(tmp_path: Path, planted: str) -> None:
+    """Hydra writes .hydra/*.yaml and the job's log through whatever is in the run dir: a link planted there is
+    one line and exit status 2, before Hydra writes anything, and its target is untouched."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    target = tmp_path / "target"
+    target.write_text("keep me\n")
+    if planted == ".hydra":
+        (run_dir / ".hydra").rmdir()
+    (run_dir / planted).symlink_to(target)
+    job = mgrq_run("method=fp", f"hydra.run.dir={run_dir}")
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and "Traceback" not in stdout + stderr
+    expected = f"{run_dir / planted} is a symbolic link, which Hydra would write through"
+    assert "".join(expected.split()) in "".join(stderr.split())  # the console wraps long lines, paths too
+    assert target.read_text() == "keep me\n"

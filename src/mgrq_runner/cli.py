@@ -175,6 +175,21 @@ class OutputDirCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.run.dir), "hydra.run.dir")
+        self._refuse_links(Path(str(config.hydra.run.dir)), config)
+
+    def _refuse_links(self, run_dir: Path, config: DictConfig) -> None:
+        """Hydra writes its files (``.hydra/*.yaml``, ``<job>.log``) through whatever is there: a link planted in a
+        run dir would have them written to its target. Refused, with one line, before Hydra writes anything."""
+        subdir = config.hydra.output_subdir
+        hydra_dir = run_dir / str(subdir) if subdir else None
+        files = [run_dir / f"{config.hydra.job.name}.log"]
+        if hydra_dir is not None:
+            files += [hydra_dir, *(hydra_dir / f"{name}.yaml" for name in ("config", "hydra", "overrides"))]
+        links = [str(path) for path in files if path.is_symlink()]
+        if links:
+            message = f"{', '.join(links)} is a symbolic link, which Hydra would write through. Fix: remove it."
+            console.console.print(f"[bold red]error:[/] {message}")
+            sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
