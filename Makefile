@@ -6,7 +6,7 @@ IMAGENET ?= $(IMAGENET_ROOT)
 EXP := outputs/experiments
 PORT ?= 5000
 
-.PHONY: help setup run test test-all lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
+.PHONY: help setup run test test-all fuzz lint bench bench-recon bench-memory bench-onnx device-bundle train-proxy \
 	train-proxy-swin clean mlflow-ui \
 	table-w4a4 table-w3a3 table-w6a6 ablation loss-grid proxy-table proxy-framework proxy-leaders proxy-loss-grid optuna-loss
 
@@ -27,6 +27,9 @@ test: setup ## the fast test suite (about 15 minutes on 2 cores, the wheel check
 
 test-all: setup ## every test, the slow ones too
 	$(PY) -m pytest -q -m ""
+
+fuzz: setup ## the file readers fuzzed long (Hypothesis profile fuzz: 1500 examples a reader; make test runs 30)
+	$(PY) -m pytest -q tests/test_fuzz_readers.py --hypothesis-profile=fuzz --hypothesis-show-statistics -p no:cacheprovider
 
 lint: setup ## ruff lint
 	$(VENV)/bin/ruff check src scripts tests

@@ -4,7 +4,8 @@
 #   bash scripts/bad_inputs.sh [MGRQ_RUN]      (default: mgrq-run on PATH; writes under a temporary directory)
 # Every case runs with debug=smoke and 2 reconstruction iterations (SMALL), so that an input a version silently
 # accepts costs seconds, not a whole run. A case "@name args" first calls prep_name (it builds what the case
-# needs in $tmp/run or elsewhere) and afterwards, when defined, after_name (what the run left, appended).
+# needs in $tmp/run or elsewhere), then run_name instead of mgrq-run when defined (a case of another command:
+# mgrq-collect, a pipe), and afterwards, when defined, after_name (what the run left, appended).
 # The full-disk case mounts a small tmpfs (needs root; "skipped" otherwise).
 set -u
 mgrq_run=${1:-mgrq-run}
@@ -67,6 +68,16 @@ tampered no_checksum "del m['weights_sha256']"
 tampered a_bits_raised "m['quant_config']['a_bits'] = 8"
 tampered words "m['num_calib'] = 'many'"
 tampered onnx_outside "m['onnx'] = {'file': '../export/quantized_model.json', 'sha256': '0'}"
+redigest() {  # redigest DIR: the manifest's digest recomputed (a careful forger), with the version's own function
+  "$python" -c "import json,sys; from mgrq_runner.deploy.safetensors_export import manifest_digest as d
+p=sys.argv[1]; m=json.load(open(p)); m['digest']=d(m); json.dump(m, open(p, 'w'))" "$1/quantized_model.json"
+}
+tampered relu_flipped "m['mlp_relu'] = True"; redigest "$tmp/relu_flipped"
+printf 'train[0]\ncaf\xe9\n' > "$tmp/latin.txt"
+mkdir -p "$tmp/results_latin"; printf '{"status": "d\xf6ne"}' > "$tmp/results_latin/results.json"
+printf 'model,method\nproxy_vit,"mgrq\n' > "$tmp/broken_runs.csv"
+cp -r "$tmp/pets_a" "$tmp/pets_bom"; printf '\xef\xbb\xbf' | cat - "$tmp/pets_a/classes.txt" > "$tmp/pets_bom/classes.txt"
+export MGRQ_BAD_INPUTS_KEY=not-the-exporters-key
 # an interrupted mgrq run on pets_a (SIGTERM once two units are saved), for the resume cases
 interrupted_args="method=mgrq method.recon.iters=200 $pets data.root=$tmp/pets_a"
 $mgrq_run progress=false hydra.run.dir="$tmp/interrupted" debug=smoke $interrupted_args > "$tmp/interrupted.log" 2>&1 &
@@ -91,6 +102,28 @@ after_full_disk() {  # the empty files the full disk left, if any
   empty=$(find "$tmp/run" -size 0 -type f ! -name .lock | sed "s|$tmp|\$TMP|" | head -3 | tr '\n' ' ')
   echo "empty files: ${empty:-none}"; umount "$tmp/run" 2>/dev/null; rm -f "$tmp/no_tmpfs"
 }
+prep_hydra_link() { mkdir -p "$tmp/run/.hydra"; ln -s "$tmp/precious.txt" "$tmp/run/.hydra/config.yaml"; }
+after_hydra_link() { after_calib_link; }
+prep_log_link() { mkdir -p "$tmp/run"; ln -s "$tmp/precious.txt" "$tmp/run/cli.log"; }
+after_log_link() { after_calib_link; }
+prep_results_dir() { mkdir -p "$tmp/run/results.json"; }
+prep_done_pets() { cp -r "$tmp/pets_export" "$tmp/run"; }
+prep_collect_link() { rm -rf "$tmp/collected"; mkdir "$tmp/collected"; cp -r "$tmp/export" "$tmp/collected/";
+  ln -s "$tmp/precious.txt" "$tmp/collected/summary.md"; }
+run_collect_link() { "$python" -m mgrq_runner.analysis.collect "$tmp/collected"; }
+after_collect_link() { after_calib_link; }
+run_collect() { "$python" -m mgrq_runner.analysis.collect "${@:2}"; }  # $1 is the word mgrq-collect
+run_help_pipe() {  # the reader gone before the help is written: the pipe's read end closed first
+  "$python" -c "import os, subprocess, sys
+r, w = os.pipe(); os.close(r)
+done = subprocess.run([sys.argv[1], '--help'], stdout=w, stderr=subprocess.PIPE, text=True)
+print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no error output'); sys.exit(done.returncode)" \
+  "$(command -v "$mgrq_run")"
+}
+prep_bad_uri() { started=$(date +%s.%N); }  # the tracker cases report how long the refusal took
+prep_readonly_store() { prep_bad_uri; }
+after_bad_uri() { "$python" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f} s')" "$started"; }
+after_readonly_store() { after_bad_uri; }
 cases=(
   "data.root=/no/such/dir model=deit_t model.pretrained=false"
   "data.root=$tmp/imagenet.tar model=deit_t model.pretrained=false"
@@ -146,6 +179,26 @@ cases=(
   "$pets data.root=$tmp/pets_bomb method=minmax"
   "@full_disk method=minmax export=true"
   "--multirun hydra.sweep.dir=$tmp/sweep method=minmax quant.input_bits=6 seed=0,1 resume=true"
+  # issue 37: the doors the first rounds did not reach
+  "@hydra_link method=minmax"
+  "@log_link method=minmax"
+  "@collect_link mgrq-collect \$TMP/collected (its summary.md a link)"
+  "@collect mgrq-collect $tmp/results_latin"
+  "@collect mgrq-collect $tmp/broken_runs.csv"
+  "calib.list=$tmp/latin.txt calib.num_images=null"
+  "calib.list=$tmp/empty_run calib.num_images=null"
+  "@results_dir resume=true method=minmax"
+  "mode=eval checkpoint=$tmp/relu_flipped"
+  "@done_pets resume=true method=minmax export=true $pets data.root=$tmp/pets_b"
+  "@bad_uri logger=mlflow logger.tracking_uri=http:// method=minmax"
+  "@readonly_store logger=mlflow logger.tracking_uri=sqlite:////proc/mgrq/mlflow.db method=minmax"
+  "mode=eval checkpoint=$tmp/export sign_key_env=MGRQ_BAD_INPUTS_KEY"
+  "@help_pipe mgrq-run --help | head -2"
+  "$pets data.root=$tmp/pets_bom method=minmax"
+  "model.num_classes=5 method=minmax"
+  "model.checkpoint=/dev/zero method=minmax"
+  "experiment=nope"
+  "--multirun hydra.sweep.dir=$tmp/sweep2 method=minmax seed=0,"
 )
 for case in "${cases[@]}"; do
   rm -rf "$tmp/run"
@@ -155,8 +208,13 @@ for case in "${cases[@]}"; do
   [[ $args == --multirun* ]] && where="--multirun" args=${args#--multirun }
   base=$small
   [[ " $args " == *" method=minmax "* ]] && base="debug=smoke"  # minmax has no method.recon
-  # shellcheck disable=SC2086
-  out=$($mgrq_run $where progress=false $base $args 2>&1)
+  if [ -n "$name" ] && declare -F "run_$name" >/dev/null; then
+    # shellcheck disable=SC2086
+    out=$("run_$name" $args 2>&1)
+  else
+    # shellcheck disable=SC2086
+    out=$($mgrq_run $where progress=false $base $args 2>&1)
+  fi
   status=$?
   # the log line holds the whole message (the console wraps it)
   message=$(printf '%s\n' "$out" | grep -E "\]\[ERROR\] - |^Error|Could not|Traceback" | tail -1 | sed 's/^.*\]\[ERROR\] - //')

@@ -8,11 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, settings
 from omegaconf import DictConfig
 from PIL import Image
 
 from mgrq_runner.cli import CONFIG_DIR
 from mgrq_runner.data import imagenet_wnids
+
+# Hypothesis (tests/test_fuzz_readers.py): make test runs "ci", the same 30 examples a reader every time
+# (derandomized, no example database: a test run never depends on the last one); make fuzz runs "fuzz", 1500 fresh
+# random examples a reader. No deadline: a reader's speed is not what they test, and a busy machine must not fail.
+QUIET = [HealthCheck.too_slow]
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=QUIET
+)
+settings.register_profile("fuzz", max_examples=1500, deadline=None, database=None, suppress_health_check=QUIET)
+settings.load_profile("ci")
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(

@@ -1,6 +1,7 @@
 """The ``mgrq-run`` command end to end on a generated ImageNet tree, and its answers to bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,20 @@ def test_help_and_version_introduce_the_app(tmp_path: Path) -> None:
 
     assert versioned.returncode == 0
     assert versioned.stdout.strip().startswith(f"mgrq-run (mgrq-runner) {__version__}; torch {version('torch')}")
+
+
+def test_help_into_a_closed_pipe_is_no_traceback() -> None:
+    """mgrq-run --help | head -2: the reader has gone before the help is written (here: the pipe's read end is
+    closed before the command starts, so every write fails); the command exits 0 without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        helped = subprocess.run(
+            [sys.executable, "-m", "mgrq_runner.cli", "--help"], stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr and "BrokenPipe" not in helped.stderr
 
 
 @needs_fashion_mnist

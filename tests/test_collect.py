@@ -15,6 +15,7 @@ import pytest
 from mgrq_runner.analysis.plots import plot_loss_grid, plot_recon_curves
 from mgrq_runner.analysis.runs import KILLED, RUNS_CSV_COLUMNS, find_runs, load_run, load_runs, method_label
 from mgrq_runner.analysis.tables import summary_markdown, write_summary
+from mgrq_runner.errors import DataError
 from mgrq_runner.rundir import LOCK, locked
 
 MODELS = {"deit_s": "deit_small_patch16_224.fb_in1k", "proxy_vit": "proxy_vit"}
@@ -327,7 +328,7 @@ def test_a_collection_read_back_from_its_runs_csv(runs: Path, tmp_path: Path) ->
     other = tmp_path / "other" / "runs.csv"
     other.parent.mkdir()
     other.write_text("model,top1\nproxy_vit,90\n")
-    with pytest.raises(ValueError, match="not a runs.csv written by mgrq-collect"):
+    with pytest.raises(DataError, match="not a runs.csv written by mgrq-collect"):
         load_runs([other])
     cmd = [sys.executable, "-m", "mgrq_runner.analysis.collect", str(other)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -176,8 +176,15 @@ def test_broken_exports_give_clear_errors(tmp_path) -> None:
     no_weights = tmp_path / "no_weights"
     shutil.copytree(good, no_weights)
     (no_weights / EXPORT_WEIGHTS).unlink()
-    with pytest.raises(ModelError, match=f"has no {EXPORT_WEIGHTS}"):
+    with pytest.raises(ModelError, match=f"export weights {no_weights / EXPORT_WEIGHTS} does not exist. Fix: "):
         load_quantized(no_weights)
+    for name in (EXPORT_WEIGHTS, EXPORT_MANIFEST):  # an export's files are read, never followed through a link
+        linked = tmp_path / f"linked_{name}"
+        shutil.copytree(good, linked)
+        (linked / name).unlink()
+        (linked / name).symlink_to(good / name)
+        with pytest.raises(ModelError, match=f"{linked / name} is a symbolic link"):
+            load_quantized(linked)
 
     other_model = tmp_path / "other_model"
     shutil.copytree(good, other_model)

@@ -252,7 +252,9 @@ def test_a_checkpoint_for_another_input_size_and_its_own_preprocessing(tmp_path:
     data_config = resolved_data_config(model, DataSettings.parse(cfg.data))
     assert data_config["mean"] == (0.1, 0.2, 0.3) and data_config["input_size"] == (3, 48, 48)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match="is not a timm config"):
+    with pytest.raises(
+        ModelError, match=r"timm config .*config\.json is not valid JSON \(.*\)\. Fix: repair or remove it"
+    ):
         create_model(ModelSettings.parse(cfg.model))
 
 
@@ -321,8 +323,8 @@ def test_the_users_text_files_are_read_strictly(tmp_path: Path) -> None:
     os.mkfifo(pipe)
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
     for path, message in (
-        (folder, "is a directory, not a text file"),
-        (pipe, "is a named pipe, not a text file"),
+        (folder, "is a directory, not a file"),
+        (pipe, "is a named pipe, not a file"),
         (latin, r"is not UTF-8 text \(byte 3: b'\\xe9'\)"),
         (tmp_path / "none.txt", "does not exist"),
     ):
@@ -334,7 +336,7 @@ def test_the_users_text_files_are_read_strictly(tmp_path: Path) -> None:
     assert folder_classes(root) == names  # the BOM is not part of the first class's name
     (root / CLASSES_FILE).unlink()
     (root / CLASSES_FILE).mkdir()
-    with pytest.raises(DataError, match="classes.txt .* is a directory, not a text file"):
+    with pytest.raises(DataError, match="classes.txt .* is a directory, not a file"):
         folder_classes(root)
 
 

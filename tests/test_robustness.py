@@ -275,3 +275,20 @@ def test_links_where_hydra_writes_are_refused(tmp_path: Path, planted: str) -> N
     expected = f"{run_dir / planted} is a symbolic link, which Hydra would write through"
     assert "".join(expected.split()) in "".join(stderr.split())  # the console wraps long lines, paths too
     assert target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("planted", ["multirun.yaml", "0_job/.hydra/hydra.yaml", "0_job/cli.log"])
+def test_links_where_hydra_writes_in_a_sweep_are_refused(tmp_path: Path, planted: str) -> None:
+    """A sweep dir is checked as a run dir is: its multirun.yaml and, in every job dir already there, the files
+    Hydra writes; a link among them is one line and exit status 2 before any job runs, its target untouched."""
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0_job" / ".hydra").mkdir(parents=True)
+    target = tmp_path / "target"
+    target.write_text("keep me\n")
+    (sweep_dir / planted).symlink_to(target)
+    job = mgrq_run("method=fp", "seed=0,1", f"hydra.sweep.dir={sweep_dir}", multirun=True)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and "Traceback" not in stdout + stderr
+    expected = f"{sweep_dir / planted} is a symbolic link, which Hydra would write through"
+    assert "".join(expected.split()) in "".join(stderr.split())
+    assert target.read_text() == "keep me\n" and not (sweep_dir / "0_proxy_vit_fp_w4a4").exists()

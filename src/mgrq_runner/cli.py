@@ -28,8 +28,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import console
-from mgrq_runner.errors import Interrupted, MgrqError, error_message
-from mgrq_runner.files import write_atomic, write_text_atomic
+from mgrq_runner.errors import DataError, Interrupted, MgrqError, error_message
+from mgrq_runner.files import read_json, write_atomic, write_text_atomic
 from mgrq_runner.presets import CONFIG_DIR
 from mgrq_runner.results import record_early_failure
 from mgrq_runner.run import run
@@ -175,24 +175,33 @@ class OutputDirCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.run.dir), "hydra.run.dir")
-        self._refuse_links(Path(str(config.hydra.run.dir)), config)
+        self._refuse_links(hydra_files(Path(str(config.hydra.run.dir)), config))
 
-    def _refuse_links(self, run_dir: Path, config: DictConfig) -> None:
-        """Hydra writes its files (``.hydra/*.yaml``, ``<job>.log``) through whatever is there: a link planted in a
-        run dir would have them written to its target. Refused, with one line, before Hydra writes anything."""
-        subdir = config.hydra.output_subdir
-        hydra_dir = run_dir / str(subdir) if subdir else None
-        files = [run_dir / f"{config.hydra.job.name}.log"]
-        if hydra_dir is not None:
-            files += [hydra_dir, *(hydra_dir / f"{name}.yaml" for name in ("config", "hydra", "overrides"))]
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._check(str(sweep_dir), "hydra.sweep.dir")
+        jobs = [path for path in sorted(sweep_dir.iterdir()) if path.is_dir() and not path.is_symlink()]
+        self._refuse_links([sweep_dir / "multirun.yaml", *(f for job in jobs for f in hydra_files(job, config))])
+
+    @staticmethod
+    def _refuse_links(files: list[Path]) -> None:
+        """Hydra writes its files through whatever is there: a link planted where it writes would have them
+        written to its target. Refused, with one line, before Hydra writes anything."""
         links = [str(path) for path in files if path.is_symlink()]
         if links:
             message = f"{', '.join(links)} is a symbolic link, which Hydra would write through. Fix: remove it."
             console.console.print(f"[bold red]error:[/] {message}")
             sys.exit(2)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+def hydra_files(run_dir: Path, config: DictConfig) -> list[Path]:
+    """What Hydra writes in a job's dir: ``<job>.log``, the output subdir (``.hydra``) and its three YAML files."""
+    subdir = config.hydra.output_subdir
+    hydra_dir = run_dir / str(subdir) if subdir else None
+    files = [run_dir / f"{config.hydra.job.name}.log"]
+    if hydra_dir is not None:
+        files += [hydra_dir, *(hydra_dir / f"{name}.yaml" for name in ("config", "hydra", "overrides"))]
+    return files
 
 
 class SweepFailures(Callback):
@@ -207,8 +216,8 @@ class SweepFailures(Callback):
         failed = []
         for path in sorted(records.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
             try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                record = read_json(path, "sweep record", "rerun the sweep", follow_links=False)
+            except DataError:
                 record = {"status": "unreadable", "run_dir": path}
             if record.get("status") not in ("done", "projected"):
                 failed.append(f"{record.get('run_dir')} ({record.get('status')})")
@@ -279,6 +288,9 @@ def entry() -> None:
         if exit_.code == 1 and not cli.JobStarted.started:
             sys.exit(2)
         raise
+    except BrokenPipeError:  # the reader stopped early (mgrq-run --help | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1 if cli.JobStarted.started else 0)  # a job cut off by it did not finish
 
 
 if __name__ == "__main__":

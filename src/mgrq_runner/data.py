@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mgrq_runner.errors import ConfigError, DataError
-from mgrq_runner.files import file_sha256, read_user_text
+from mgrq_runner.files import file_sha256, read_text
 from mgrq_runner.rundir import CLASS_LIST
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ def folder_classes(root: Path) -> list[str]:
     train split's class folders sorted by name (torchvision's ``ImageFolder`` order)."""
     listed = root / CLASSES_FILE
     if listed.exists() or listed.is_symlink():
-        text = read_user_text(listed, CLASSES_FILE, f"one class name per line in label order, or remove {listed}")
+        text = read_text(listed, CLASSES_FILE, f"one class name per line in label order, or remove {listed}")
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(set(names)) != len(names) or not names:
             raise DataError(

@@ -12,6 +12,13 @@ def error_message(err: BaseException) -> str:
     return text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
 
 
+def printable(text: object) -> str:
+    """``text`` as it can stand in a one-line message: itself when printable, else its repr (a name read from a file
+    may hold a newline or a control character)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 class MgrqError(Exception):
     """Base class of the errors a user can fix by changing the command, the config or the data."""
 

@@ -1,17 +1,20 @@
-"""What runs write: files replaced atomically (a crash mid-write keeps the previous one), tensors as CPU copies,
-and the checksums that tie a run dir's files to its records; the user's text files read strictly. No torch
-import: the collector uses it too."""
+"""The package's file doors. What runs write: files replaced atomically (a crash mid-write keeps the previous one,
+a link there is replaced, never written through), tensors as CPU copies, the checksums that tie a run dir's files
+to its records. What they read: ``read_bytes``, ``read_text`` and ``read_json``, which refuse by kind what is
+not a regular file (and, for a run's own files, a link) and decode strictly, each failure one error naming the
+file. No torch import: the collector uses it too."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mgrq_runner.errors import DataError, DiskFullError
 
@@ -60,10 +63,10 @@ def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
 
 
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in chunks."""
+def file_sha256(path: Path, handle: BinaryIO | None = None) -> str:
+    """The file's SHA-256, read in chunks (from ``handle`` when given: an ``open_checked`` file)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with handle or path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -77,6 +80,10 @@ def file_kind(path: Path) -> str:
         return "missing"
     except OSError as err:
         return f"unreadable ({err.strerror})"
+    return _mode_kind(mode)
+
+
+def _mode_kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "a file"
     if stat.S_ISDIR(mode):
@@ -88,27 +95,82 @@ def file_kind(path: Path) -> str:
     return "not a regular file"
 
 
-def read_user_text(path: Path, what: str, fix: str) -> str:
-    """A text file the user gave (``what`` names it in messages): a regular file, UTF-8 (a byte-order mark is
-    dropped); anything else is one ``DataError`` naming the file, what it is, and ``fix``."""
-    kind = file_kind(path)
+# ---------------------------------------------------------------------------------------------- the one reader
+# Every file the package reads from a run dir, an export or the user's data set comes through read_bytes: it is
+# opened once (O_NONBLOCK, so a named pipe cannot hang the open), its kind is checked on the open descriptor (no
+# race with a swap), and with follow_links=False a symbolic link is refused (O_NOFOLLOW): the files a run wrote
+# itself are never links. Each failure is one ``error`` naming the file, what it is, and ``fix``.
+
+
+def open_checked(
+    path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True
+) -> BinaryIO:
+    """Regular file ``path`` opened for reading (``what`` names it in messages); anything else is one ``error``."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist. Fix: {fix}.") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP and path.is_symlink():
+            state = "is a symbolic link (a run's own files are never links)"
+        elif err.errno == errno.ENXIO:
+            state = "is a socket or a device without a reader"
+        else:
+            state = f"cannot be read ({err.strerror})"
+        raise error(f"{what} {path} {state}. Fix: {fix}.") from None
+    kind = _mode_kind(os.fstat(descriptor).st_mode)
     if kind != "a file":
-        state = "does not exist" if kind == "missing" else f"is {kind}, not a text file"
-        raise DataError(f"{what} {path} {state}. Fix: {fix}.")
-    raw = path.read_bytes()
+        os.close(descriptor)
+        raise error(f"{what} {path} is {kind}, not a file. Fix: {fix}.")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_bytes(
+    path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True
+) -> bytes:
+    """The bytes of regular file ``path`` (``open_checked``)."""
+    with open_checked(path, what, fix, error=error, follow_links=follow_links) as handle:
+        try:
+            return handle.read()
+        except OSError as err:
+            raise error(f"{what} {path} cannot be read ({err.strerror}). Fix: {fix}.") from None
+
+
+def read_text(path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True) -> str:
+    """``read_bytes`` decoded as UTF-8 (strict; a leading byte-order mark is dropped)."""
+    raw = read_bytes(path, what, fix, error=error, follow_links=follow_links)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{what} {path} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 1]!r}). Fix: {fix}, "
-            "saved as UTF-8."
+        raise error(
+            f"{what} {path} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 1]!r}). Fix: {fix} "
+            "(saved as UTF-8)."
         ) from None
+
+
+def read_json(
+    path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True
+) -> dict[str, Any]:
+    """``read_text`` parsed as one JSON object (a list, a number or invalid JSON is one ``error``)."""
+    text = read_text(path, what, fix, error=error, follow_links=follow_links)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{err.msg}, line {err.lineno} column {err.colno}"
+        raise error(f"{what} {path} is not valid JSON ({where}). Fix: {fix}.") from None
+    except RecursionError:
+        raise error(f"{what} {path} nests deeper than JSON readers allow. Fix: {fix}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not an object. Fix: {fix}.")
+    return data
 
 
 def read_calibration_list(path: str | Path) -> list[str]:
     """The entries of a ``calib.list`` file: one image per line (blank lines skipped)."""
     path = Path(os.path.expanduser(str(path)))
-    text = read_user_text(path, "calib.list", "point calib.list at a file with one image per line")
+    text = read_text(path, "calib.list", "point calib.list at a file with one image per line")
     entries = [line.strip() for line in text.splitlines() if line.strip()]
     if not entries:
         raise DataError(f"calib.list {path} lists no images. Fix: one image per line (a path, or train[i]).")

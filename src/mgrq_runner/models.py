@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch import nn
 
 from mgrq_runner.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from mgrq_runner.errors import ModelError
-from mgrq_runner.files import file_kind
+from mgrq_runner.files import file_kind, read_json
 
 if TYPE_CHECKING:
     from mgrq_runner.settings import ModelSettings
@@ -160,7 +159,7 @@ def head_misfit(state: dict[str, torch.Tensor], model: nn.Module, name: str, sou
 def proxy_card(name: str = PROXY_NAME) -> dict:
     """The training record shipped beside a proxy's weights (command, seed, accuracy)."""
     card = PROXIES[name].card
-    return json.loads(card.read_text()) if card.exists() else {}
+    return read_json(card, "proxy card", "reinstall mgrq-runner", error=ModelError) if card.exists() else {}
 
 
 def load_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -354,12 +353,9 @@ def checkpoint_preprocessing(checkpoint: Path) -> dict[str, Any]:
     config = checkpoint.parent / "config.json"
     if not config.is_file():
         return {}
-    try:
-        pretrained_cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ModelError(
-            f"{config} beside the checkpoint is not a timm config ({err}). Fix: repair or remove it."
-        ) from err
+    pretrained_cfg = read_json(config, "timm config", "repair or remove it", error=ModelError).get("pretrained_cfg", {})
+    if not isinstance(pretrained_cfg, dict):
+        raise ModelError(f"{config} beside the checkpoint is not a timm config (its pretrained_cfg is not a mapping).")
     found = {key: pretrained_cfg[key] for key in PREPROCESSING_KEYS if key in pretrained_cfg}
     found = {key: tuple(value) if isinstance(value, list) else value for key, value in found.items()}  # as timm
     if found:

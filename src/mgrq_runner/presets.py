@@ -6,12 +6,14 @@ changed from its method's preset, as the preset stood when it ran. No torch impo
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # absolute: the installed console script finds it
+PRESET_NAME = re.compile(r"\w+")  # a preset's file name: never a path
 PROXY_NAMES = ("proxy_vit", "proxy_swin")  # the shipped proxies (models.PROXIES builds them; a test keeps both equal)
 # The method settings a table label shows when a run changes them from its preset: mgrq (λG=0, λL=1), qdrop (p=1),
 # glfq (softmax=log_sqrt2). The framework switches are shown under their short names.
@@ -41,7 +43,7 @@ def preset_values(method: str) -> dict[str, Any]:
 def _load(method: str, depth: int) -> DictConfig | None:
     """``conf/method/<method>.yaml`` merged with the presets its ``defaults`` list names (same group), in order."""
     path = Path(CONFIG_DIR) / "method" / f"{method}.yaml"
-    if depth > 10 or not path.is_file():
+    if depth > 10 or not PRESET_NAME.fullmatch(method) or not path.is_file():  # a name read from a record is data
         return None
     own = OmegaConf.load(path)
     assert isinstance(own, DictConfig)

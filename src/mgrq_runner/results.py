@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import __version__
 from mgrq_runner.errors import Interrupted, MgrqError, error_message
-from mgrq_runner.files import write_text_atomic
+from mgrq_runner.files import read_json, write_text_atomic
 from mgrq_runner.presets import preset_values
 from mgrq_runner.rundir import RESULTS, results_path
 
@@ -106,27 +106,22 @@ class Results(TypedDict, total=False):
     throughput: dict[str, float]  # images per second, per evaluated model
 
 
-class UnreadableResults(Exception):
-    """A results.json that cannot be read as a record; the message says why."""
+class UnreadableResults(MgrqError):
+    """A results.json that cannot be read as a record; the message names the file and says why."""
 
 
 def read_results(path: str | Path) -> Results:
     """A run's ``results.json`` (``path``: the file, or the run dir holding it) as read: a JSON object.
 
     The one reader of the format: resume, the trackers and the collector call it and decide, each for itself,
-    what an unreadable record means. Raises UnreadableResults naming the reason (missing, not UTF-8 JSON, not an
-    object).
+    what an unreadable record means. Raises UnreadableResults naming the file and the reason (missing, a link or
+    not a file, not UTF-8 JSON, not an object): ``files.read_json``.
     """
     path = Path(path)
     if path.is_dir() and path.name != RESULTS:
         path = results_path(path)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnreadableResults(f"{type(err).__name__}: {err}") from None
-    if not isinstance(results, dict):
-        raise UnreadableResults("not a JSON object")
-    return results
+    fix = "rerun the job that writes it (resume=true in its run dir), or remove the run dir"
+    return read_json(path, RESULTS, fix, error=UnreadableResults, follow_links=False)
 
 
 class ResultsFile:

@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.errors import ConfigError
+from mgrq_runner.errors import ConfigError, printable
 from mgrq_runner.results import UnreadableResults, read_results
 from mgrq_runner.rundir import RESULTS, results_path
 
@@ -48,7 +48,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Pat
     """Raises ConfigError naming every key whose value differs between two config fingerprints."""
     keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if keys:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+        diffs = ", ".join(f"{printable(k)}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
         raise ConfigError(
             f"resume: {where} was made with a different config ({diffs}). Fix: resume with the original values, "
             "or start a new run (resume=false and a new output dir)."

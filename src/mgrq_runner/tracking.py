@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.errors import ConfigError, Interrupted, MgrqError, error_message
-from mgrq_runner.files import write_text_atomic
+from mgrq_runner.errors import ConfigError, DataError, Interrupted, MgrqError, error_message
+from mgrq_runner.files import read_json, write_text_atomic
 from mgrq_runner.results import read_results
 from mgrq_runner.rundir import (
     CALIBRATION_LIST,
@@ -302,7 +302,7 @@ class MlflowTracker(Tracker):
             # a server gone since the start: one line now, not minutes of the client's retries
             probe(self.uri, str(self.settings.logger.uri_source))
             results = read_results(self.settings.run_dir)
-            curves = read_json(self.settings.run_dir / RECON_CURVES) if results.get("reconstruction") else {}
+            curves = run_curves(self.settings.run_dir) if results.get("reconstruction") else {}
             metrics = [(k, v, 0) for k, v in final_metrics(results).items()] + list(curve_points(curves))
             self._log(metrics=metrics, tags=result_tags(results))
             for path, folder in artifact_files(self.settings.run_dir):
@@ -368,7 +368,7 @@ class TensorBoardTracker(Tracker):
     def finish(self) -> None:
         try:
             results = read_results(self.settings.run_dir)
-            curves = read_json(self.settings.run_dir / RECON_CURVES) if results.get("reconstruction") else {}
+            curves = run_curves(self.settings.run_dir) if results.get("reconstruction") else {}
             with self._writer() as writer:
                 for key, value in final_metrics(results).items():
                     writer.add_scalar(key, value, 0)
@@ -494,16 +494,16 @@ def artifact_files(run_dir: Path) -> Iterator[tuple[Path, str | None]]:
             yield path, folder
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+def run_curves(run_dir: Path) -> dict[str, Any]:
+    """The run's loss curves (``recon_curves.json``), read as the run left them."""
+    return read_json(run_dir / RECON_CURVES, "loss curves", "rerun the job (resume=true)", follow_links=False)
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """A run dir's ``TRACKING_RUN`` record (store, experiment, MLflow run id), or None when it has none."""
     try:
-        record = read_json(run_dir / TRACKING_RUN)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = read_json(run_dir / TRACKING_RUN, "tracking record", "none needed", follow_links=False)
+    except DataError:
         return None
     return record if record.get("run_id") else None
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mgrq_runner.analysis.runs import RunRow, load_runs
 from mgrq_runner.analysis.tables import write_summary
+from mgrq_runner.errors import MgrqError
 from mgrq_runner.rundir import RECON_CURVES, results_path
 
 
@@ -52,7 +53,10 @@ def make_plots(records: list[RunRow], out: Path) -> None:
     if latest is None:
         note("note: no recon_curves.png: no finished run has recon_curves.json")
     else:
-        note(f"wrote {plots.plot_recon_curves(latest.run_dir, out / 'recon_curves.png')}")
+        try:
+            note(f"wrote {plots.plot_recon_curves(latest.run_dir, out / 'recon_curves.png')}")
+        except (ValueError, MgrqError) as err:
+            note(f"note: no recon_curves.png: {err}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = load_runs(args.dirs)
         timing = load_runs(args.timing) if args.timing else None
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, MgrqError) as err:
         note(f"collect: error: {err}")
         return 2
     if not records:

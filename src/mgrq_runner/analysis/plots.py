@@ -5,7 +5,6 @@ matplotlib is imported inside the functions (Agg backend), so the rest of the pa
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from typing import Any
 
 from mgrq_runner.analysis.runs import FP_LABEL, RunRow
 from mgrq_runner.analysis.tables import mean_std, method_key, model_key, setting_key
-from mgrq_runner.files import write_atomic
+from mgrq_runner.files import read_json, write_atomic
 from mgrq_runner.rundir import RECON_CURVES
 
 TERM_ORDER = ["block", "global", "local", "rounding"]
@@ -131,7 +130,8 @@ def plot_recon_curves(run_dir: str | Path, path: str | Path) -> Path:
     source = Path(run_dir) / RECON_CURVES
     if not source.is_file():
         raise FileNotFoundError(f"no reconstruction curves: {source} does not exist")
-    curves: dict[str, dict[str, list[float]]] = json.loads(source.read_text())
+    loaded = read_json(source, "loss curves", "rerun the job, or collect without --plots", follow_links=False)
+    curves: dict[str, dict[str, list[float]]] = {k: v for k, v in loaded.items() if isinstance(v, dict)}
     found = {term for unit in curves.values() for term in unit if term != "step"}
     terms = [t for t in TERM_ORDER if t in found] + sorted(found - set(TERM_ORDER))
     if not terms:
@@ -142,7 +142,8 @@ def plot_recon_curves(run_dir: str | Path, path: str | Path) -> Path:
     for ax, term in zip(axes.flat, terms, strict=False):
         for unit, series in curves.items():
             steps = series.get("step") or list(range(len(series.get(term, []))))
-            points = [(s, v) for s, v in zip(steps, series.get(term, []), strict=False) if v is not None and v > 0]
+            values = series.get(term, [])
+            points = [(s, v) for s, v in zip(steps, values, strict=False) if isinstance(v, int | float) and v > 0]
             if points:
                 ax.plot(*zip(*points, strict=True), label=unit, linewidth=1)
         ax.set_yscale("log")

@@ -7,13 +7,15 @@ A collection's ``runs.csv`` (one run a line, written by ``write_runs_csv``) is r
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mgrq_runner.files import write_atomic
+from mgrq_runner.errors import DataError
+from mgrq_runner.files import read_text, write_atomic
 from mgrq_runner.presets import SWITCH_KEYS, preset_values
 from mgrq_runner.results import UnreadableResults, read_results, unconverged_units
 from mgrq_runner.rundir import RESULTS, held
@@ -268,46 +270,57 @@ SETTING_LABEL = re.compile(r"W(?P<w>\d+)A(?P<a>\d+)")
 
 
 def read_runs_csv(path: Path) -> list[RunRow]:
-    """The runs of a collection's ``runs.csv``; the loss weights and bits come back from the labels."""
-    with path.open(newline="") as f:
-        lines = list(csv.DictReader(f))
+    """The runs of a collection's ``runs.csv``; the loss weights and bits come back from the labels. A file that
+    is not one (not a file, not UTF-8, a column missing, a field of the wrong type) is one DataError naming it."""
+    fix = "give mgrq-collect a runs.csv it wrote, or the run dirs themselves"
+    text = read_text(path, "runs.csv", fix)
+    try:
+        lines = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise DataError(f"runs.csv {path} is not CSV ({err}). Fix: {fix}.") from None
     if lines and not set(RUNS_CSV_COLUMNS) <= set(lines[0]):
         missing = sorted(set(RUNS_CSV_COLUMNS) - set(lines[0]))
-        raise ValueError(f"{path} is not a runs.csv written by mgrq-collect: no column {', '.join(missing)}")
+        raise DataError(f"{path} is not a runs.csv written by mgrq-collect: no column {', '.join(missing)}")
     rows = []
-    for line in lines:
-        name, args = parse_label(line["method"])
-        global_weight, local_weight = _loss_weights(line, name, args)
-        bits = SETTING_LABEL.match(line["setting"])
-        unconverged = line["unconverged_units"]
-        rows.append(
-            RunRow(
-                model=line["model"],
-                method=line["method"],
-                method_name=name,
-                setting=line["setting"],
-                seed=int(line["seed"]) if line["seed"] else None,
-                status=line["status"],
-                top1=_float(line["top1"] or None),
-                top5=_float(line["top5"] or None),
-                fp_top1=_float(line["fp_top1"] or None),
-                seconds=float(line["seconds"] or 0.0),
-                run_dir=line["run_dir"],
-                global_weight=global_weight,
-                local_weight=local_weight,
-                quant_prob=_float(
-                    line.get("quant_prob") or args.get("p") or preset_values(name).get("recon.quant_prob")
-                ),
-                w_bits=int(bits["w"]) if bits else None,
-                a_bits=int(bits["a"]) if bits else None,
-                error=line["error"] or None,
-                provenance=line.get("provenance") or None,
-                machine=line.get("machine") or None,
-                unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
-                method_defaults=preset_values(name),
-            )
-        )
+    for number, line in enumerate(lines, start=2):  # line 1 is the header
+        try:
+            rows.append(_csv_row(line))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise DataError(f"runs.csv {path} line {number} is not a run ({err}). Fix: {fix}.") from None
     return rows
+
+
+def _csv_row(line: dict[str, str]) -> RunRow:
+    """One line of a runs.csv as a run (raises ValueError or TypeError on a field that is not what it should)."""
+    if None in line or None in line.values():
+        raise ValueError("it has another number of fields than the header")
+    name, args = parse_label(line["method"])
+    global_weight, local_weight = _loss_weights(line, name, args)
+    bits = SETTING_LABEL.match(line["setting"])
+    unconverged = line["unconverged_units"]
+    return RunRow(
+        model=line["model"],
+        method=line["method"],
+        method_name=name,
+        setting=line["setting"],
+        seed=int(line["seed"]) if line["seed"] else None,
+        status=line["status"],
+        top1=_float(line["top1"] or None),
+        top5=_float(line["top5"] or None),
+        fp_top1=_float(line["fp_top1"] or None),
+        seconds=float(line["seconds"] or 0.0),
+        run_dir=line["run_dir"],
+        global_weight=global_weight,
+        local_weight=local_weight,
+        quant_prob=_float(line.get("quant_prob") or args.get("p") or preset_values(name).get("recon.quant_prob")),
+        w_bits=int(bits["w"]) if bits else None,
+        a_bits=int(bits["a"]) if bits else None,
+        error=line["error"] or None,
+        provenance=line.get("provenance") or None,
+        machine=line.get("machine") or None,
+        unconverged=None if not unconverged else [] if unconverged == "none" else unconverged.split(),
+        method_defaults=preset_values(name),
+    )
 
 
 def parse_label(label: str) -> tuple[str, dict[str, str]]:

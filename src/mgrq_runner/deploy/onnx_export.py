@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import logging
 import platform
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgrq_runner.errors import ModelError
-from mgrq_runner.files import file_sha256, write_atomic
+from mgrq_runner.files import file_sha256, read_bytes, write_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import activation_quantizers, quant_layers, quantizers, replace_module
@@ -280,10 +281,11 @@ def check_onnx_file(path: Path, model: nn.Module, recorded: dict[str, Any]) -> N
     import onnx
 
     fix = "Fix: re-run that job with export=onnx."
-    if path.is_symlink() or not path.is_file() or file_sha256(path) != recorded.get("sha256"):
-        raise ModelError(f"{path} is missing, a link, or does not match the checksum in its manifest. {fix}")
+    raw = read_bytes(path, "ONNX export", fix[5:-1], error=ModelError, follow_links=False)
+    if hashlib.sha256(raw).hexdigest() != recorded.get("sha256"):
+        raise ModelError(f"{path} does not match the checksum in its manifest. {fix}")
     try:
-        counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+        counts = Counter(node.op_type for node in onnx.load_from_string(raw).graph.node)
     except Exception as err:  # onnx raises protobuf's and its own errors for a damaged file
         raise ModelError(f"{path} cannot be read as ONNX ({type(err).__name__}). {fix}") from err
     for op_type, needed in {**recorded.get("nodes", {}), **expected_nodes(model)}.items():

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import nn
 
 from mgrq_runner.deploy.signing import check_signature, signature
-from mgrq_runner.errors import ConfigError, ModelError
-from mgrq_runner.files import cpu_copy, file_sha256, write_atomic, write_text_atomic
+from mgrq_runner.errors import ConfigError, MgrqError, ModelError, printable
+from mgrq_runner.files import cpu_copy, file_sha256, read_bytes, read_json, write_atomic, write_text_atomic
 from mgrq_runner.models import create_model
 from mgrq_runner.quant import primitives
 from mgrq_runner.quant.api import QuantConfig, activation_quantizers, quant_layers, quantize_
@@ -54,6 +55,7 @@ FORMAT_VERSION = 2  # 2: the manifest digest, required file checksums, data iden
 STRUCTURE = "; structure "  # the weights file's metadata: the format, then the FP transforms' structure flags
 MANIFEST_KEYS = ("model", "method", "w_bits", "a_bits", "quant_config", "num_calib", "layers", "activation_quantizers")
 MB = 1e6  # sizes are in MB of 10**6 bytes
+REEXPORT = "re-export the run with export=true"  # the fix of every damaged-export message
 FP32_BYTES, SCALE_BYTES, ZERO_POINT_BYTES = 4, 4, 1  # a packed grid: fp32 scale and 8-bit zero point per channel
 
 
@@ -189,14 +191,21 @@ def _structure(description: dict[str, Any]) -> str:
     return json.dumps(flags, sort_keys=True)
 
 
-def _check_structure(path: Path, manifest: dict[str, Any], run_dir: Path) -> None:
-    """The manifest's structure flags are the ones the weights file was written with (an export made before the
-    file recorded them has nothing to compare: only its digest covers the flags)."""
-    with safe_open(str(path), "pt") as weights:
-        recorded = (weights.metadata() or {}).get("format", "")
+def _check_structure(raw: bytes, manifest: dict[str, Any], run_dir: Path) -> None:
+    """The manifest's structure flags are the ones the weights file (``raw``, its bytes) was written with (an export
+    made before the file recorded them has nothing to compare: only its digest covers the flags)."""
+    recorded = safetensors_metadata(raw).get("format", "")
     written = recorded.split(STRUCTURE, 1)[1] if STRUCTURE in recorded else None
     if written is not None and written != _structure(manifest):
         raise _mismatch(run_dir, f"the manifest's structure {_structure(manifest)} is not the weights file's {written}")
+
+
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (its header: a little-endian u64 length, then JSON);
+    empty when it has none. Only called on bytes whose checksum matched the manifest's."""
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    return header.get("__metadata__") or {}
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -209,8 +218,8 @@ def check_export_model(manifest: dict[str, Any], checkpoint: Path, name: str) ->
     """The export holds the model the config names (``mode=eval`` rebuilds that model to load it into)."""
     if manifest["model"]["name"] != name:
         raise ModelError(
-            f"checkpoint {checkpoint} holds model {manifest['model']['name']} but the config names {name}. "
-            f"Fix: add model=<its preset> (or model.name={manifest['model']['name']})."
+            f"checkpoint {checkpoint} holds model {printable(manifest['model']['name'])} but the config names "
+            f"{name}. Fix: add model=<its preset> (or model.name={printable(manifest['model']['name'])})."
         )
 
 
@@ -223,17 +232,14 @@ def read_manifest(run_dir: str | Path, key: bytes | None = None) -> dict[str, An
             f"checkpoint {run_dir} is not a directory. Fix: checkpoint=<the run dir of a run made with export=true>."
         )
     path = run_dir / EXPORT_MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ModelError(
             f"{run_dir} has no {EXPORT_MANIFEST}. Fix: re-run that job with export=true, or point checkpoint at "
             f"a run dir that holds {EXPORT_MANIFEST} and {EXPORT_WEIGHTS}."
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path} is not valid JSON ({err}). Fix: re-export the run with export=true.") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelError(f"{path} is not an mgrq-runner export manifest. Fix: re-export the run with export=true.")
+    manifest = read_json(path, "export manifest", REEXPORT, error=ModelError, follow_links=False)
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an mgrq-runner export manifest. Fix: {REEXPORT}.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelError(
             f"{path} has format version {manifest.get('format_version')}, this mgrq-runner reads "
@@ -241,7 +247,7 @@ def read_manifest(run_dir: str | Path, key: bytes | None = None) -> dict[str, An
         )
     missing = [key for key in (*MANIFEST_KEYS, "weights_sha256", "digest") if key not in manifest]
     if missing:
-        raise ModelError(f"{path} lacks {', '.join(missing)}. Fix: re-export the run with export=true.")
+        raise ModelError(f"{path} lacks {', '.join(missing)}. Fix: {REEXPORT}.")
     if manifest["digest"] != manifest_digest(manifest):
         raise ModelError(
             f"{path} was changed after it was written (its fields do not match its digest). Fix: re-export the run "
@@ -257,7 +263,7 @@ def check_fields(manifest: dict[str, Any], path: Path) -> None:
     """Every field has its type, and the fields agree with each other (bits, quant_config, layers, the ONNX file)."""
 
     def bad(what: str) -> ModelError:
-        return ModelError(f"{path}: {what}. Fix: re-export the run with export=true.")
+        return ModelError(f"{path}: {what}. Fix: {REEXPORT}.")
 
     def is_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -273,6 +279,9 @@ def check_fields(manifest: dict[str, Any], path: Path) -> None:
     unknown = sorted(set(quant) - {f.name for f in dataclasses.fields(QuantConfig)})
     if unknown:
         raise bad(f"quant_config has unknown keys {unknown}")
+    for key in ("w_bits", "a_bits", "input_bits"):
+        if key in quant and not is_int(quant[key]):
+            raise bad(f"quant_config.{key}={quant[key]!r} is not an integer")
     for key in ("w_bits", "a_bits"):
         if quant.get(key) != manifest[key]:
             raise bad(f"{key}={manifest[key]} but quant_config.{key}={quant.get(key)!r}")
@@ -280,16 +289,17 @@ def check_fields(manifest: dict[str, Any], path: Path) -> None:
         raise bad("layers and activation_quantizers must be mappings")
     for name, layer in manifest["layers"].items():
         if not isinstance(layer, dict) or not is_int(layer.get("bits")) or not isinstance(layer.get("enabled"), bool):
-            raise bad(f"layer {name} has no integer bits or no enabled flag")
+            raise bad(f"layer {printable(name)} has no integer bits or no enabled flag")
         if layer["enabled"] and layer["bits"] != manifest["w_bits"]:
-            raise bad(f"layer {name} has {layer['bits']}-bit weights but the manifest says w_bits={manifest['w_bits']}")
+            bits = f"{layer['bits']}-bit weights but the manifest says w_bits={manifest['w_bits']}"
+            raise bad(f"layer {printable(name)} has {bits}")
     activation_bits = {manifest["a_bits"], quant.get("input_bits", manifest["a_bits"])}
     for name, entry in manifest["activation_quantizers"].items():
         if not isinstance(entry, dict) or not is_int(entry.get("bits")) or not isinstance(entry.get("enabled"), bool):
-            raise bad(f"activation quantizer {name} has no integer bits or no enabled flag")
+            raise bad(f"activation quantizer {printable(name)} has no integer bits or no enabled flag")
         if entry["enabled"] and entry["bits"] not in activation_bits:
             bits = f"{entry['bits']} bits but the manifest says a_bits={manifest['a_bits']}"
-            raise bad(f"activation quantizer {name} has {bits}")
+            raise bad(f"activation quantizer {printable(name)} has {bits}")
     if manifest.get("rotation", "none") not in ROTATIONS or not isinstance(manifest.get("mlp_relu", False), bool):
         raise bad(f"rotation={manifest.get('rotation')!r} or mlp_relu={manifest.get('mlp_relu')!r} is unknown")
     onnx = manifest.get("onnx")
@@ -316,18 +326,19 @@ def check_qparams(name: str, scale: torch.Tensor, zero_point: torch.Tensor | Non
 
 
 def _tampered(run_dir: Path, what: str) -> ModelError:
-    return ModelError(f"the export in {run_dir} is damaged ({what}). Fix: re-export the run with export=true.")
+    return ModelError(f"the export in {run_dir} is damaged ({what}). Fix: {REEXPORT}.")
 
 
-def _read_tensors(run_dir: Path, sha256: str) -> dict[str, torch.Tensor]:
+def _read_tensors(run_dir: Path, sha256: str) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The export's tensors and the file's bytes, read once (a link or anything but a file is refused) and checked
+    against the manifest's checksum before they are parsed."""
     path = run_dir / EXPORT_WEIGHTS
-    if not path.is_file():
-        raise ModelError(f"{run_dir} has no {EXPORT_WEIGHTS}. Fix: re-run that job with export=true.")
-    if file_sha256(path) != sha256:
+    raw = read_bytes(path, "export weights", "re-run that job with export=true", error=ModelError, follow_links=False)
+    if hashlib.sha256(raw).hexdigest() != sha256:
         raise _tampered(run_dir, f"{EXPORT_WEIGHTS} does not match the checksum in {EXPORT_MANIFEST}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        return safetensors_load(raw), raw
+    except (SafetensorError, ValueError) as err:
         raise ModelError(f"{path} cannot be read ({err}). Fix: re-run that job with export=true.") from err
 
 
@@ -367,11 +378,14 @@ def load_quantized(
     ``key``, only a manifest signed with it is accepted."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, key)
-    tensors = _read_tensors(run_dir, manifest["weights_sha256"])
-    _check_structure(run_dir / EXPORT_WEIGHTS, manifest, run_dir)
-    model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
-    fp_model = create_model(model_settings) if architecture is None else copy.deepcopy(architecture).cpu().eval()
-    model = quantize_(rebuild_structure(fp_model, manifest), QuantConfig(**manifest["quant_config"]))
+    tensors, raw = _read_tensors(run_dir, manifest["weights_sha256"])
+    _check_structure(raw, manifest, run_dir)
+    try:  # the manifest's model and quant_config, checked as a command's would be
+        model_settings = ModelSettings.parse({**manifest["model"], "pretrained": False, "checkpoint": None})
+        fp_model = create_model(model_settings) if architecture is None else copy.deepcopy(architecture).cpu().eval()
+        model = quantize_(rebuild_structure(fp_model, manifest), QuantConfig(**manifest["quant_config"]))
+    except MgrqError as err:  # ConfigError, ModelError: named after the export, not the command
+        raise _mismatch(run_dir, f"its fields do not build a model: {err}") from None
     layers, activations = dict(quant_layers(model)), dict(activation_quantizers(model))
     if set(layers) != set(manifest["layers"]) or set(activations) != set(manifest["activation_quantizers"]):
         raise _mismatch(run_dir, "its quantized layers differ from the manifest's")

@@ -6,7 +6,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from mgrq_runner.files import write_text_atomic
+from mgrq_runner.errors import DataError
+from mgrq_runner.files import read_json, write_text_atomic
 
 # Called as ``on_step(unit_name, step, loss_terms, total_steps)`` every 10 steps and at a unit's last step.
 StepCallback = Callable[[str, int, dict[str, float], int], None]
@@ -44,10 +45,10 @@ class LossCurves:
     def restore(self, units: list[str]) -> None:
         """Takes back the curves an interrupted run recorded for ``units`` (none where it has none)."""
         try:
-            curves = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            curves = read_json(self.path, "loss curves", "none needed: the curves restart", follow_links=False)
+        except DataError:
             return
-        self.curves = {unit: curves[unit] for unit in units if unit in curves}
+        self.curves = {unit: curves[unit] for unit in units if isinstance(curves.get(unit), dict)}
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(self.curves))

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import nn
 
 from mgrq_runner.errors import ConfigError
-from mgrq_runner.files import cpu_copy, write_atomic, write_text_atomic
+from mgrq_runner.files import cpu_copy, read_bytes, read_json, write_atomic, write_text_atomic
 from mgrq_runner.quant.api import quant_layers
 from mgrq_runner.resume import check_same_config
 from mgrq_runner.rundir import RECON_STATE
@@ -30,6 +31,18 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+RNG_KEYS = {"rng.generator", "rng.torch"}  # saved with every unit: a resumed run draws what it would have drawn
+
+
+def _is_saved_unit(entry: Any) -> bool:
+    """A manifest's unit entry as ``save`` writes it: a name, a plain file name inside the state dir, its wall
+    time and final loss terms."""
+    if not isinstance(entry, dict):
+        return False
+    name, file, seconds, final = (entry.get(key) for key in ("name", "file", "seconds", "final"))
+    plain_file = isinstance(file, str) and file not in ("", ".", "..") and Path(file).name == file
+    number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+    return isinstance(name, str) and plain_file and number and isinstance(final, dict)
 
 
 def _derived_keys(module: nn.Module) -> set[str]:
@@ -85,13 +98,11 @@ class ReconState:
     def resume(self) -> None:
         """Loads the manifest (if any) after checking that it was made with the current config."""
         path = self.directory / MANIFEST
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"resume: {path} is not valid JSON ({err}). Fix: delete {self.directory}.") from err
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        fix = f"delete {self.directory} (the run restarts its units)"
+        manifest = read_json(path, "resume: the saved units' manifest", fix, error=ConfigError, follow_links=False)
+        if manifest.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"resume: {path} has an unknown format. Fix: delete {self.directory}.")
         fingerprint, units = manifest.get("fingerprint"), manifest.get("units")
         if not isinstance(fingerprint, dict) or not isinstance(units, list):
@@ -99,8 +110,13 @@ class ReconState:
                 f"resume: {path} lacks its {'fingerprint' if not isinstance(fingerprint, dict) else 'units'}: "
                 f"it cannot show which config made it. Fix: delete {self.directory} (the run restarts its units)."
             )
+        data = manifest.get("data")
+        bad = next((i for i, unit in enumerate(units) if not _is_saved_unit(unit)), None)
+        if bad is not None or not isinstance(data, dict | None):
+            what = f"its unit #{bad} is not a saved unit" if bad is not None else "its data entry is not a mapping"
+            raise ConfigError(f"resume: {path} is damaged ({what}). Fix: {fix}.")
         check_same_config(fingerprint, self.fingerprint, self.directory)
-        self.units, self.data = units, manifest.get("data")
+        self.units, self.data = units, data
         log.info("resume: %d finished units in %s: %s", len(self.units), self.directory, self.names)
 
     def use_data(self, identity: dict[str, Any]) -> None:
@@ -160,16 +176,23 @@ class ReconState:
         path = self.directory / entry["file"]
         if entry["name"] != name:
             raise ConfigError(f"resume: unit #{index} is {name} but {path} holds {entry['name']}. Fix: delete it.")
+        fix = f"delete {self.directory} (the run restarts its units)"
+        raw = read_bytes(path, "resume: the saved unit", fix, error=ConfigError, follow_links=False)
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ConfigError(f"resume: {path} cannot be read ({err}). Fix: delete {self.directory}.") from err
+            tensors = safetensors_load(raw)
+        except (SafetensorError, ValueError) as err:
+            raise ConfigError(f"resume: {path} cannot be read ({err}). Fix: {fix}.") from err
+        if not RNG_KEYS <= tensors.keys():
+            raise ConfigError(f"resume: {path} lacks the random generators' states. Fix: {fix}.")
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
         missing, unexpected = module.load_state_dict(state, strict=False)
         if set(missing) != _derived_keys(module) or unexpected:
             raise ConfigError(f"resume: {path} does not fit unit {name}. Fix: delete {self.directory}.")
-        generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            generator.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except RuntimeError as err:  # not a generator's state: a wrong dtype or size
+            raise ConfigError(f"resume: {path} holds no valid generator state ({err}). Fix: {fix}.") from None
         if "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], generator.device)
         return float(entry["seconds"]), dict(entry["final"])
