@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gzip
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mgrq_runner.analysis.runs import RUNS_CSV_COLUMNS, read_runs_csv
-from mgrq_runner.data import CLASSES_FILE, folder_classes
+from mgrq_runner.data import CLASSES_FILE, _read_idx, folder_classes
 from mgrq_runner.deploy.safetensors_export import export_quantized, load_quantized, manifest_digest, read_manifest
 from mgrq_runner.errors import MgrqError
 from mgrq_runner.files import read_calibration_list
@@ -151,6 +152,24 @@ def test_classes_txt(content: bytes | str) -> None:
         (root / "train" / "a").mkdir(parents=True)
         names = answers(lambda: folder_classes(root), root / CLASSES_FILE)
         assert names is None or (names and len(set(names)) == len(names))
+
+
+IDX = st.builds(  # an IDX header (zero, type, dims) and any payload, gzip-compressed as Fashion-MNIST ships it
+    lambda dtype, dims, payload: gzip.compress(
+        bytes([0, 0, dtype, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + payload
+    ),
+    st.sampled_from([8, 9, 13]),
+    st.lists(st.integers(0, 40), max_size=3),
+    st.binary(max_size=200),
+)
+
+
+@given(st.one_of(contents(), IDX, st.binary(max_size=200).map(gzip.compress)))
+def test_fashion_mnist_idx_file(content: bytes | str) -> None:
+    with scratch() as root:
+        place(root / "t10k-labels-idx1-ubyte.gz", content)
+        array = answers(lambda: _read_idx(root / "t10k-labels-idx1-ubyte.gz"), root / "t10k-labels-idx1-ubyte.gz")
+        assert array is None or array.dtype == torch.uint8
 
 
 RUNS_ROW = dict.fromkeys(RUNS_CSV_COLUMNS, "") | {"model": "proxy_vit", "method": "mgrq", "setting": "W4A4"}

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mgrq_runner.errors import ConfigError, DataError
-from mgrq_runner.files import file_sha256, read_text
+from mgrq_runner.files import file_sha256, read_bytes, read_text
 from mgrq_runner.rundir import CLASS_LIST
 
 if TYPE_CHECKING:
@@ -76,20 +77,18 @@ class DataBundle:
 
 def _read_idx(path: Path) -> torch.Tensor:
     """Reads one gzip-compressed IDX file (the MNIST format) into a uint8 tensor."""
+    fix = "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or point data.root at a good copy"
+    compressed = read_bytes(path, "Fashion-MNIST file", fix)  # a folder or a pipe there: refused by kind
     try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
+        raw = gzip.decompress(compressed)
         zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
         if zero != 0 or dtype_code != 0x08:
             raise ValueError("not an unsigned-byte IDX file")
         dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
         data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
         return data.reshape(dims)
-    except (OSError, ValueError, RuntimeError, struct.error) as err:
-        raise DataError(
-            f"corrupt Fashion-MNIST file {path}: {err}. Fix: reinstall it "
-            "(apt-get install --reinstall dataset-fashion-mnist) or point data.root at a good copy."
-        ) from err
+    except (OSError, EOFError, zlib.error, ValueError, RuntimeError, struct.error) as err:
+        raise DataError(f"corrupt Fashion-MNIST file {path}: {err}. Fix: {fix}.") from err
 
 
 def _download_fashion_mnist(cache_dir: Path) -> Path:
