@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from mgrq_runner.data import (
     CLASSES_FILE,
+    ImageFiles,
     build_data,
     create_loader,
     folder_classes,
@@ -354,3 +355,14 @@ def test_labels_in_another_order_are_said(fmnist_tree: Path, tmp_path: Path) -> 
     assert "no better than chance (10.00 % for 10 classes)" in shifted["warnings"][0]
     right, _ = run(compose_config(tmp_path / "right", *folder, f"data.root={fmnist_tree}"))
     assert right["fp_top1"] > 50.0 and "warnings" not in right
+
+
+def test_an_image_that_is_not_a_file_is_refused_by_kind(tmp_path: Path) -> None:
+    """A named pipe or a folder with an image's name is refused in one line naming it (opening a pipe as an image
+    would wait for a writer forever)."""
+    pipe, folder = tmp_path / "0.png", tmp_path / "1.png"
+    os.mkfifo(pipe)
+    folder.mkdir()
+    for path, kind in ((pipe, "a named pipe"), (folder, "a directory")):
+        with pytest.raises(DataError, match=rf"image file {re.escape(str(path))} is {kind}, not a file\. Fix: "):
+            ImageFiles([(str(path), 0)])[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import logging
 import os
 import struct
@@ -184,11 +185,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
+        raw = read_bytes(Path(path), "image file", "make it a readable image file, or delete it")  # kind checked
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(raw)) as img:
                 image = img.convert(self.mode)
-        except PermissionError as err:
-            raise DataError(f"image file {path} cannot be read (permission denied). Fix: chmod a+r it.") from err
         except Image.DecompressionBombError as err:  # a header claiming more pixels than PIL will allocate
             raise DataError(
                 f"image file {path} claims more pixels than PIL decodes ({err}). Fix: delete or downscale that file."

@@ -14,7 +14,7 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from mgrq_runner.errors import DataError, DiskFullError
 
@@ -63,10 +63,10 @@ def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
 
 
-def file_sha256(path: Path, handle: BinaryIO | None = None) -> str:
-    """The file's SHA-256, read in chunks (from ``handle`` when given: an ``open_checked`` file)."""
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks."""
     digest = hashlib.sha256()
-    with handle or path.open("rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -102,10 +102,10 @@ def _mode_kind(mode: int) -> str:
 # itself are never links. Each failure is one ``error`` naming the file, what it is, and ``fix``.
 
 
-def open_checked(
+def read_bytes(
     path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True
-) -> BinaryIO:
-    """Regular file ``path`` opened for reading (``what`` names it in messages); anything else is one ``error``."""
+) -> bytes:
+    """The bytes of regular file ``path`` (``what`` names it in messages); anything else is one ``error``."""
     flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
         descriptor = os.open(path, flags)
@@ -115,7 +115,7 @@ def open_checked(
         if err.errno == errno.ELOOP and path.is_symlink():
             state = "is a symbolic link (a run's own files are never links)"
         elif err.errno == errno.ENXIO:
-            state = "is a socket or a device without a reader"
+            state = "is a socket"
         else:
             state = f"cannot be read ({err.strerror})"
         raise error(f"{what} {path} {state}. Fix: {fix}.") from None
@@ -124,14 +124,7 @@ def open_checked(
         os.close(descriptor)
         raise error(f"{what} {path} is {kind}, not a file. Fix: {fix}.")
     os.set_blocking(descriptor, True)
-    return os.fdopen(descriptor, "rb")
-
-
-def read_bytes(
-    path: Path, what: str, fix: str, *, error: type[Exception] = DataError, follow_links: bool = True
-) -> bytes:
-    """The bytes of regular file ``path`` (``open_checked``)."""
-    with open_checked(path, what, fix, error=error, follow_links=follow_links) as handle:
+    with os.fdopen(descriptor, "rb") as handle:
         try:
             return handle.read()
         except OSError as err:
@@ -157,8 +150,8 @@ def read_json(
     text = read_text(path, what, fix, error=error, follow_links=follow_links)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        where = f"{err.msg}, line {err.lineno} column {err.colno}"
+    except ValueError as err:  # JSONDecodeError, or an integer too long for Python to convert
+        where = f"{err.msg}, line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else err
         raise error(f"{what} {path} is not valid JSON ({where}). Fix: {fix}.") from None
     except RecursionError:
         raise error(f"{what} {path} nests deeper than JSON readers allow. Fix: {fix}.") from None
