@@ -185,8 +185,12 @@ class ReconState:
         if not RNG_KEYS <= tensors.keys():
             raise ConfigError(f"resume: {path} lacks the random generators' states. Fix: {fix}.")
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if set(missing) != _derived_keys(module) or unexpected:
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            fits = set(missing) == _derived_keys(module) and not unexpected
+        except RuntimeError:  # a tensor of another shape
+            fits = False
+        if not fits:
             raise ConfigError(f"resume: {path} does not fit unit {name}. Fix: delete {self.directory}.")
         try:
             generator.set_state(tensors["rng.generator"])
