@@ -103,10 +103,9 @@ proxy-table: setup ## every method on both proxies (ViT: W4A4/W3A3/W2A4, Swin: W
 	$(call experiment,proxy_swin_table,)
 	$(VENV)/bin/mgrq-collect $(EXP)/proxy_table $(EXP)/proxy_swin_table --out docs/proxy --plots
 
-proxy-leaders: setup ## fimaq, aphq, pdquant and glfq (cosine weight lr) on both proxies x 3 seeds (CPU, hours), into docs/proxy/leaders
+proxy-leaders: setup ## fimaq, aphq, pdquant and glfq (its cosine weight lr) on both proxies x 3 seeds (CPU, hours), into docs/proxy/leaders
 	$(VENV)/bin/mgrq-run experiment=proxy_leaders hydra.sweep.dir=$(EXP)/proxy_leaders/main $(ARGS)
-	$(VENV)/bin/mgrq-run experiment=proxy_leaders hydra.sweep.dir=$(EXP)/proxy_leaders/glfq_cosine \
-		method=glfq method.recon.weight_schedule=cosine $(ARGS)
+	$(VENV)/bin/mgrq-run experiment=proxy_leaders hydra.sweep.dir=$(EXP)/proxy_leaders/glfq_cosine method=glfq $(ARGS)
 	$(VENV)/bin/mgrq-run experiment=proxy_leaders_swin hydra.sweep.dir=$(EXP)/proxy_leaders_swin/main $(ARGS)
 	$(VENV)/bin/mgrq-collect $(EXP)/proxy_leaders $(EXP)/proxy_leaders_swin --out docs/proxy/leaders
 

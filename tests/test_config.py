@@ -119,6 +119,7 @@ def test_every_framework_preset_composes(compose_cfg, model: str, method: str) -
         assert recon.iters == (1000 if proxy else 3000) and recon.weight_scale_lr > 0
     else:
         assert recon.iters == (1000 if proxy else 20_000)
+    assert recon.weight_schedule == ("cosine" if rounding == "ste" else "constant")  # STE's lr decays to 0
 
 
 # The leaders' losses on QDrop's base: (block distance, ReLU MLPs, (λG, global distance, temperature), fusion)
