@@ -195,7 +195,7 @@ cases=(
   "mode=eval checkpoint=$tmp/relu_flipped"
   "@done_pets resume=true method=minmax export=true $pets data.root=$tmp/pets_b"
   "@bad_uri logger=mlflow logger.tracking_uri=http:// method=minmax"
-  "@readonly_store logger=mlflow logger.tracking_uri=sqlite:////proc/mgrq/mlflow.db method=minmax"
+  "@readonly_store logger=mlflow logger.tracking_uri=sqlite:////proc/mlflow.db method=minmax"
   "mode=eval checkpoint=$tmp/export sign_key_env=MGRQ_BAD_INPUTS_KEY"
   "@help_pipe mgrq-run --help | head -2"
   "$pets data.root=$tmp/pets_bom method=minmax"
@@ -221,8 +221,10 @@ for case in "${cases[@]}"; do
     out=$($mgrq_run $where progress=false $base $args 2>&1)
   fi
   status=$?
-  # the log line holds the whole message (the console wraps it)
-  message=$(printf '%s\n' "$out" | grep -E "\]\[ERROR\] - |^Error|Could not|Traceback" | tail -1 | sed 's/^.*\]\[ERROR\] - //')
+  # the log line holds the whole message; else the console's "error:" message, its wrapped lines joined
+  message=$(printf '%s\n' "$out" | grep -E "\]\[ERROR\] - " | tail -1 | sed 's/^.*\]\[ERROR\] - //')
+  [ -z "$message" ] && message=$(printf '%s\n' "$out" | awk '/^(error|Error): /{m=""; f=1} f{m=m (m ? " " : "") $0} END{print m}')
+  [ -z "$message" ] && message=$(printf '%s\n' "$out" | grep -E "Could not|Traceback" | tail -1)
   [ -z "$message" ] && message=$(printf '%s\n' "$out" | tail -1)
   left=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('status'))" "$tmp/run/results.json" 2>/dev/null || echo "no results.json")
   if [ -n "$name" ] && declare -F "after_$name" >/dev/null; then left="$left; $("after_$name")"; fi

@@ -292,3 +292,15 @@ def test_links_where_hydra_writes_in_a_sweep_are_refused(tmp_path: Path, planted
     expected = f"{sweep_dir / planted} is a symbolic link, which Hydra would write through"
     assert "".join(expected.split()) in "".join(stderr.split())
     assert target.read_text() == "keep me\n" and not (sweep_dir / "0_proxy_vit_fp_w4a4").exists()
+
+
+def test_a_folder_where_the_run_writes_its_record_is_one_line(tmp_path: Path) -> None:
+    """results.json is a folder in the run dir (resume=true, so the run reads it first): one line naming it and
+    exit status 2, not a traceback from the reader or from the atomic replace."""
+    run_dir = tmp_path / "run"
+    (run_dir / "results.json").mkdir(parents=True)
+    job = mgrq_run("method=fp", "resume=true", f"hydra.run.dir={run_dir}")
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and "Traceback" not in stdout + stderr
+    expected = f"{run_dir / 'results.json'} cannot be written: it is a directory"
+    assert "".join(expected.split()) in "".join(stderr.split())

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mgrq_runner import console
 from mgrq_runner.errors import DataError, Interrupted, MgrqError, error_message
-from mgrq_runner.files import read_json, write_atomic, write_text_atomic
+from mgrq_runner.files import read_bytes, read_json, write_atomic, write_text_atomic
 from mgrq_runner.presets import CONFIG_DIR
 from mgrq_runner.results import record_early_failure
 from mgrq_runner.run import run
@@ -62,8 +62,16 @@ class HydraFiles:
     def __init__(self, run_dir: Path, subdir: str | None) -> None:
         self.folder = run_dir / subdir if subdir else None
         self.results = results_path(run_dir)
-        self.before = self.results.read_bytes() if self.results.exists() else None  # an earlier run's record
+        self.before = self._record()  # an earlier run's record
         self.owned = self.before is not None
+
+    def _record(self) -> bytes | None:
+        """The run dir's results.json as it is, or None where there is none (or something else stands there: the
+        run refuses that itself, in one line)."""
+        try:
+            return read_bytes(self.results, RESULTS, "remove it", follow_links=False)
+        except DataError:
+            return None
 
     def _copy(self, source: Path, target: Path) -> None:
         """Each file replaced whole (a full disk leaves the previous copy, never a truncated one)."""
@@ -78,7 +86,7 @@ class HydraFiles:
 
     def restore(self) -> None:
         """Puts the owner's files back if this start was refused before it wrote anything of its own."""
-        unchanged = self.results.exists() and self.results.read_bytes() == self.before
+        unchanged = self.before is not None and self._record() == self.before
         if self.owned and unchanged and self.folder is not None and (self.folder / ORIGINAL).is_dir():
             try:
                 self._copy(self.folder / ORIGINAL, self.folder)

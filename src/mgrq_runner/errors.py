@@ -43,6 +43,10 @@ class DiskFullError(MgrqError):
     """A file could not be written for lack of space (or quota): what was written before it is kept."""
 
 
+class OutputError(MgrqError):
+    """A file the run writes cannot take its place (a folder, a mount point there)."""
+
+
 class Interrupted(BaseException):
     """The run received a termination signal (SIGTERM); like KeyboardInterrupt, not an error of the user's."""
 

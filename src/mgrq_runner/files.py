@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mgrq_runner.errors import DataError, DiskFullError
+from mgrq_runner.errors import DataError, DiskFullError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -29,12 +29,21 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
     The temporary name is unique (process id and a random part), so two writers never share one. ``path`` itself
     is replaced, never written through: a symbolic link there is replaced by the file, its target left alone. A
-    full disk is a ``DiskFullError`` naming the file; the previous file stays as it was.
+    full disk is a ``DiskFullError`` naming the file; the previous file stays as it was. A folder in its place
+    is an ``OutputError`` naming it.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # a folder (or a mount point) where the file goes: one line, not a traceback
+            if no_space(err):
+                raise
+            raise OutputError(
+                f"{path} cannot be written: it is {file_kind(path)} ({err.strerror}). Fix: remove or rename it (a "
+                "run writes its own files there)."
+            ) from None
     except Exception as err:
         if not no_space(err):
             raise
