@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -532,18 +532,30 @@ def probe(uri: str, source: str, timeout: float = PROBE_SECONDS) -> None:
 def check_writable_store(store: Path, named: str) -> None:
     """A SQLite store MLflow can write: the file, when it exists, and the folder SQLite writes its journal in (or
     the nearest existing one, where the folder will be made). SQLite finds a read-only one out only after MLflow's
-    retries (about 105 s)."""
+    retries (about 105 s). Tried, not asked: permission bits say nothing for root or on a read-only mount."""
     folder = next(p for p in store.parents if p.exists())  # the root always exists
-    if store.exists() and (not store.is_file() or not os.access(store, os.W_OK)):
-        problem = f"{store} is not a writable file"
-    elif not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        problem = f"the folder {folder} cannot be written"
-    else:
+    problem = f"{store} is not a file" if store.exists() and not store.is_file() else _write_problem(store, folder)
+    if problem is None:
         return
     raise ConfigError(
         f"logger=mlflow: the tracking store {named} cannot be used ({problem}). Fix: "
         "logger.tracking_uri=sqlite:////<a writable folder>/mlflow.db, or logger=none."
     )
+
+
+def _write_problem(store: Path, folder: Path) -> str | None:
+    """Why SQLite could not write ``store`` (when it exists) or a file in ``folder``; None when it can."""
+    try:
+        if store.exists():
+            with store.open("ab"):  # opened for appending, nothing written
+                pass
+    except OSError as err:
+        return f"{store} is not a writable file ({err.strerror})"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):  # SQLite's journal goes beside the store
+            return None
+    except OSError as err:
+        return f"the folder {folder} cannot be written ({err.strerror})"
 
 
 def sqlite_path(uri: str) -> Path | None:
