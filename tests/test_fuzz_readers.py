@@ -1,12 +1,12 @@
 """Every reader of a file a user can touch, fuzzed with Hypothesis: whatever the bytes, whatever JSON value a field
 holds, whatever the file is (a directory, a named pipe, a link, nothing), each reader returns a correct result or
-raises one ``MgrqError`` whose message names the file (or its folder); never another exception. An export whose manifest had one
-field changed and its digest recomputed (a careful forger) either is refused or scores exactly as the original.
+raises one ``MgrqError`` whose message names the file (or its folder); never another exception. An export whose
+manifest had one field changed and its digest recomputed (a careful forger) is refused or scores exactly as the
+original.
 
 ``make test`` runs the ``ci`` profile (a few dozen examples per reader, tests/conftest.py); ``make fuzz`` runs the
 ``fuzz`` profile (thousands) and prints Hypothesis's statistics, the number of examples each reader was given.
 """
-
 from __future__ import annotations
 
 import contextlib
