@@ -7,6 +7,7 @@ original.
 ``make test`` runs the ``ci`` profile (a few dozen examples per reader, tests/conftest.py); ``make fuzz`` runs the
 ``fuzz`` profile (thousands) and prints Hypothesis's statistics, the number of examples each reader was given.
 """
+
 from __future__ import annotations
 
 import contextlib
