@@ -280,8 +280,9 @@ def check_onnx_file(path: Path, model: nn.Module, recorded: dict[str, Any]) -> N
     require_deploy()
     import onnx
 
-    fix = "Fix: re-run that job with export=onnx."
-    raw = read_bytes(path, "ONNX export", fix[5:-1], error=ModelError, follow_links=False)
+    redo = "re-run that job with export=onnx"
+    fix = f"Fix: {redo}."
+    raw = read_bytes(path, "ONNX export", redo, error=ModelError, follow_links=False)
     if hashlib.sha256(raw).hexdigest() != recorded.get("sha256"):
         raise ModelError(f"{path} does not match the checksum in its manifest. {fix}")
     try:

@@ -92,6 +92,11 @@ class ReconState:
         return state
 
     @property
+    def restart_fix(self) -> str:
+        """The fix of a damaged state: start its units again."""
+        return f"delete {self.directory} (the run restarts its units)"
+
+    @property
     def names(self) -> list[str]:
         return [unit["name"] for unit in self.units]
 
@@ -100,7 +105,7 @@ class ReconState:
         path = self.directory / MANIFEST
         if not path.exists() and not path.is_symlink():
             return
-        fix = f"delete {self.directory} (the run restarts its units)"
+        fix = self.restart_fix
         manifest = read_json(path, "resume: the saved units' manifest", fix, error=ConfigError, follow_links=False)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"resume: {path} has an unknown format. Fix: delete {self.directory}.")
@@ -176,7 +181,7 @@ class ReconState:
         path = self.directory / entry["file"]
         if entry["name"] != name:
             raise ConfigError(f"resume: unit #{index} is {name} but {path} holds {entry['name']}. Fix: delete it.")
-        fix = f"delete {self.directory} (the run restarts its units)"
+        fix = self.restart_fix
         raw = read_bytes(path, "resume: the saved unit", fix, error=ConfigError, follow_links=False)
         try:
             tensors = safetensors_load(raw)
